@@ -1,0 +1,227 @@
+//! Configuration: the command line (every flag also read from `PROGRESSD_*`), validated once
+//! into a typed [`Config`] that the rest of the daemon takes.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use thiserror::Error;
+
+#[derive(Debug, Parser)]
+#[command(name = "progressd", version, about = "Durable job progress: publish over HTTP, watch live over SSE and WebSocket.")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon.
+    Serve(ServeArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Durability {
+    /// Acknowledge a publish only once it is on disk (group commit).
+    Sync,
+    /// Acknowledge at once; flush every `--flush-interval`.
+    Relaxed,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (`host:port`).
+    #[arg(long, env = "PROGRESSD_LISTEN", default_value = "127.0.0.1:7700")]
+    pub listen: String,
+    /// Data directory [default: $STATE_DIRECTORY if set, else ./progressd-data].
+    #[arg(long, env = "PROGRESSD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// When a publish is acknowledged.
+    #[arg(long, env = "PROGRESSD_DURABILITY", value_enum, default_value = "sync")]
+    pub durability: Durability,
+    /// Flush period in relaxed mode.
+    #[arg(long, env = "PROGRESSD_FLUSH_INTERVAL", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub flush_interval: Duration,
+    /// Events kept per job; older ones are dropped (the snapshot stays).
+    #[arg(long, env = "PROGRESSD_HISTORY", default_value_t = 1000)]
+    pub history: u64,
+    /// How long a finished job and its history are kept after it finished.
+    #[arg(long, env = "PROGRESSD_FINISHED_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub finished_ttl: Duration,
+    /// SSE keepalive comment and WebSocket ping interval.
+    #[arg(long, env = "PROGRESSD_KEEPALIVE", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub keepalive: Duration,
+    /// SSE `retry:` sent to clients.
+    #[arg(long, env = "PROGRESSD_RETRY", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub retry: Duration,
+    /// Largest serialized `data` of one update, in bytes.
+    #[arg(long, env = "PROGRESSD_MAX_DATA", default_value_t = 16 * 1024)]
+    pub max_data: usize,
+    /// Largest request body, in bytes (chunked bodies included).
+    #[arg(long, env = "PROGRESSD_MAX_BODY", default_value_t = 1024 * 1024)]
+    pub max_body: usize,
+    /// Grace period for shutdown; past it the daemon warns and exits anyway.
+    #[arg(long, env = "PROGRESSD_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
+    /// Size of sled's page cache, in bytes.
+    #[arg(long, env = "PROGRESSD_CACHE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub cache_bytes: u64,
+    /// Log format [default: pretty on a terminal, pretty without colours otherwise].
+    #[arg(long, env = "PROGRESSD_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("--listen {0:?}: expected host:port, e.g. 127.0.0.1:7700")]
+    Listen(String),
+    #[error("--history must be at least 1")]
+    History,
+    #[error("--{0} must be longer than zero")]
+    ZeroDuration(&'static str),
+    #[error("--max-body must be at least 1024 bytes")]
+    MaxBody,
+}
+
+/// The validated configuration of `progressd serve`.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub durability: Durability,
+    pub flush_interval: Duration,
+    pub history: u64,
+    pub finished_ttl: Duration,
+    pub keepalive: Duration,
+    pub retry: Duration,
+    pub max_data: usize,
+    pub max_body: usize,
+    pub shutdown_timeout: Duration,
+    pub cache_bytes: u64,
+    /// How often retention looks for expired jobs.
+    pub gc_interval: Duration,
+    /// Slots of each job's live channel; a subscriber further behind catches up from the store.
+    pub job_channel: usize,
+    /// Slots of the all-jobs live channel.
+    pub all_channel: usize,
+}
+
+impl Config {
+    /// The defaults of `progressd serve`, storing in `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Config {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
+            data_dir: data_dir.into(),
+            durability: Durability::Sync,
+            flush_interval: Duration::from_millis(100),
+            history: 1000,
+            finished_ttl: Duration::from_secs(24 * 3600),
+            keepalive: Duration::from_secs(15),
+            retry: Duration::from_secs(2),
+            max_data: 16 * 1024,
+            max_body: 1024 * 1024,
+            shutdown_timeout: Duration::from_secs(10),
+            cache_bytes: 64 * 1024 * 1024,
+            gc_interval: Duration::from_secs(1),
+            job_channel: 256,
+            all_channel: 4096,
+        }
+    }
+}
+
+impl TryFrom<ServeArgs> for Config {
+    type Error = ConfigError;
+
+    fn try_from(a: ServeArgs) -> Result<Config, ConfigError> {
+        let listen = a
+            .listen
+            .parse()
+            .map_err(|_| ConfigError::Listen(a.listen.clone()))?;
+        if a.history == 0 {
+            return Err(ConfigError::History);
+        }
+        for (name, d) in [
+            ("flush-interval", a.flush_interval),
+            ("finished-ttl", a.finished_ttl),
+            ("keepalive", a.keepalive),
+            ("shutdown-timeout", a.shutdown_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::ZeroDuration(name));
+            }
+        }
+        if a.max_body < 1024 {
+            return Err(ConfigError::MaxBody);
+        }
+        // systemd sets STATE_DIRECTORY (a colon-separated list) for StateDirectory=.
+        let data_dir = a.data_dir.unwrap_or_else(|| {
+            std::env::var_os("STATE_DIRECTORY")
+                .and_then(|v| {
+                    v.to_str()
+                        .and_then(|s| s.split(':').next())
+                        .filter(|s| !s.is_empty())
+                        .map(PathBuf::from)
+                })
+                .unwrap_or_else(|| PathBuf::from("progressd-data"))
+        });
+        let gc_interval = (a.finished_ttl / 10).clamp(Duration::from_millis(50), Duration::from_secs(60));
+        Ok(Config {
+            listen,
+            data_dir,
+            durability: a.durability,
+            flush_interval: a.flush_interval,
+            history: a.history,
+            finished_ttl: a.finished_ttl,
+            keepalive: a.keepalive,
+            retry: a.retry,
+            max_data: a.max_data,
+            max_body: a.max_body,
+            shutdown_timeout: a.shutdown_timeout,
+            cache_bytes: a.cache_bytes,
+            gc_interval,
+            ..Config::new(PathBuf::new())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let cli = Cli::try_parse_from(["progressd", "serve"].iter().chain(args)).map_err(|e| e.to_string())?;
+        let Command::Serve(a) = cli.command;
+        Config::try_from(a).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = parse(&["--data-dir", "/tmp/x"]).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:7700");
+        assert_eq!(c.durability, Durability::Sync);
+        assert_eq!(c.flush_interval, Duration::from_millis(100));
+        assert_eq!(c.history, 1000);
+        assert_eq!(c.finished_ttl, Duration::from_secs(86_400));
+        assert_eq!(c.keepalive, Duration::from_secs(15));
+        assert_eq!(c.retry, Duration::from_secs(2));
+        assert_eq!(c.max_data, 16_384);
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn durations_and_bad_values() {
+        let c = parse(&["--data-dir", "x", "--keepalive", "500ms", "--finished-ttl", "2h"]).unwrap();
+        assert_eq!(c.keepalive, Duration::from_millis(500));
+        assert_eq!(c.finished_ttl, Duration::from_secs(7200));
+        assert!(parse(&["--history", "0"]).unwrap_err().contains("history"));
+        assert!(parse(&["--listen", "nope"]).unwrap_err().contains("host:port"));
+        assert!(parse(&["--keepalive", "soon"]).is_err());
+    }
+}

@@ -1,0 +1,272 @@
+//! Handlers of the job resources: publish, snapshot, list, history, delete; and the probes.
+//!
+//! They validate input into model types, then hand writes to the writer and read the store
+//! through the visible watermark, so a reader never sees what a crash could take back.
+
+use std::pin::pin;
+
+use bytes::{Buf, BufMut, BytesMut};
+use futures_util::{Stream, StreamExt};
+use serde::de::IgnoredAny;
+use warp::http::StatusCode;
+use warp::reply::{Reply, Response};
+
+use super::error::ApiError;
+use super::{job_from_path, json_response, parse_u64, query_pairs, query_value, AppState};
+use crate::metrics::StoreGauges;
+use crate::model::{to_json_line, Change, Status, Update, MAX_BATCH};
+
+/// Default and largest page of `GET /v1/jobs` and of history.
+const DEFAULT_LIMIT: usize = 100;
+const MAX_LIMIT: usize = 1000;
+
+/// POST /v1/jobs/{job}/events
+pub async fn publish<S, B>(
+    job: String,
+    content_type: Option<String>,
+    content_length: Option<u64>,
+    body: S,
+    state: AppState,
+) -> Result<Response, ApiError>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let job = job_from_path(&job)?;
+    if !is_json(content_type.as_deref()) {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let max = state.config.max_body;
+    if content_length.is_some_and(|n| n > max as u64) {
+        return Err(ApiError::PayloadTooLarge(max));
+    }
+    let body = read_body(body, max).await?;
+    let changes = parse_updates(&body, state.config.max_data)?;
+    let appended = state.src.writer.append(job.clone(), changes).await?;
+    Ok(json_response(
+        StatusCode::CREATED,
+        to_json_line(&serde_json::json!({
+            "job": job.as_str(),
+            "seq": appended.seq,
+            "offset": appended.offset,
+        })),
+    ))
+}
+
+/// `application/json`, any case, parameters allowed.
+fn is_json(content_type: Option<&str>) -> bool {
+    content_type
+        .and_then(|ct| ct.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// Reads the body, counting every byte: a chunked body has no Content-Length to check.
+async fn read_body<S, B>(body: S, max: usize) -> Result<BytesMut, ApiError>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let mut body = pin!(body);
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| ApiError::InvalidJson(format!("reading the body: {e}")))?;
+        if buf.len() + chunk.remaining() > max {
+            return Err(ApiError::PayloadTooLarge(max));
+        }
+        buf.put(chunk);
+    }
+    Ok(buf)
+}
+
+/// One update (object) or a batch (array of 1 to 1000 updates), validated.
+pub fn parse_updates(body: &[u8], max_data: usize) -> Result<Vec<Change>, ApiError> {
+    // First: is it JSON at all? (Also refuses bodies that are not UTF-8.)
+    serde_json::from_slice::<IgnoredAny>(body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
+    let invalid = |e: serde_json::Error| ApiError::InvalidBody(e.to_string());
+    let updates = match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => vec![serde_json::from_slice::<Update>(body).map_err(invalid)?],
+        Some(b'[') => {
+            let batch: Vec<Update> = serde_json::from_slice(body).map_err(invalid)?;
+            if batch.is_empty() {
+                return Err(ApiError::InvalidBody(
+                    "a batch must hold at least one update".into(),
+                ));
+            }
+            if batch.len() > MAX_BATCH {
+                return Err(ApiError::batch_too_large(batch.len()));
+            }
+            batch
+        }
+        _ => {
+            return Err(ApiError::InvalidBody(
+                "expected an update (JSON object) or a batch (JSON array of updates)".into(),
+            ))
+        }
+    };
+    updates
+        .into_iter()
+        .enumerate()
+        .map(|(i, u)| {
+            u.validate(max_data).map_err(|e| match body.first() {
+                Some(b'[') => ApiError::InvalidBody(format!("update {i}: {e}")),
+                _ => e.into(),
+            })
+        })
+        .collect()
+}
+
+/// GET /v1/jobs/{job}
+pub async fn snapshot(job: String, state: AppState) -> Result<Response, ApiError> {
+    let job = job_from_path(&job)?;
+    match state.src.visible_job(job.as_str()).await? {
+        Some(rec) => Ok(json_response(StatusCode::OK, rec.to_json(job.as_str()))),
+        None => Err(ApiError::JobNotFound(job.to_string())),
+    }
+}
+
+/// DELETE /v1/jobs/{job}
+pub async fn delete(job: String, state: AppState) -> Result<Response, ApiError> {
+    let job = job_from_path(&job)?;
+    if state.src.writer.delete(job.clone()).await? {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(ApiError::JobNotFound(job.to_string()))
+    }
+}
+
+/// GET /v1/jobs?status=&prefix=&limit=&cursor=
+pub async fn list(query: String, state: AppState) -> Result<Response, ApiError> {
+    let pairs = query_pairs(&query);
+    let status = match query_value(&pairs, "status") {
+        None | Some("") => None,
+        Some(s) => Some(Status::parse(s).ok_or_else(|| {
+            ApiError::InvalidBody(format!(
+                "status {s:?} is not one of queued, running, succeeded, failed, cancelled"
+            ))
+        })?),
+    };
+    let prefix = query_value(&pairs, "prefix").unwrap_or("");
+    let limit = limit(query_value(&pairs, "limit"))?;
+    let cursor = match query_value(&pairs, "cursor") {
+        None | Some("") => None,
+        Some(c) => Some(
+            crate::model::JobId::parse(c)
+                .map_err(|_| ApiError::InvalidCursor(c.chars().take(140).collect()))?,
+        ),
+    };
+    let (jobs, more) = state.src.store.list_jobs(
+        cursor.as_ref().map(|c| c.as_str()),
+        prefix,
+        status,
+        limit,
+    )?;
+    let newest = jobs.iter().map(|(_, r)| r.last_offset).max().unwrap_or(0);
+    state.src.writer.wait_visible(newest).await?;
+    let next_cursor = if more {
+        jobs.last().map(|(job, _)| job.as_str())
+    } else {
+        None
+    };
+    #[derive(serde::Serialize)]
+    struct Page<'a> {
+        jobs: Vec<crate::model::SnapshotView<'a>>,
+        next_cursor: Option<&'a str>,
+    }
+    let page = Page {
+        jobs: jobs.iter().map(|(job, rec)| rec.view(job)).collect(),
+        next_cursor,
+    };
+    Ok(json_response(StatusCode::OK, to_json_line(&page)))
+}
+
+/// `limit`: 1 and up, default 100; more than 1000 reads as 1000.
+fn limit(raw: Option<&str>) -> Result<usize, ApiError> {
+    match raw {
+        None | Some("") => Ok(DEFAULT_LIMIT),
+        Some(s) => match parse_u64(s) {
+            Some(n) if n > 0 => Ok((n as usize).min(MAX_LIMIT)),
+            _ => Err(ApiError::InvalidBody(format!(
+                "limit {s:?} must be an integer from 1 to {MAX_LIMIT}"
+            ))),
+        },
+    }
+}
+
+/// GET /v1/jobs/{job}/events?after=N&limit=L
+pub async fn history(job: String, query: String, state: AppState) -> Result<Response, ApiError> {
+    let job = job_from_path(&job)?;
+    let pairs = query_pairs(&query);
+    let after = match query_value(&pairs, "after") {
+        None | Some("") => 0,
+        Some(s) => parse_u64(s)
+            .ok_or_else(|| ApiError::InvalidLastEventId(s.chars().take(64).collect()))?,
+    };
+    let limit = limit(query_value(&pairs, "limit"))?;
+    let Some(rec) = state.src.visible_job(job.as_str()).await? else {
+        return Err(ApiError::JobNotFound(job.to_string()));
+    };
+    let events = state.src.store.events_after(rec.num, after, limit)?;
+    let mut body = String::with_capacity(64 + events.len() * 128);
+    body.push_str(r#"{"events":["#);
+    // Events newer than the snapshot we waited for may not be visible yet.
+    for (i, ev) in events.iter().filter(|e| e.seq <= rec.seq).enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&ev.to_json());
+    }
+    body.push_str(&format!(
+        r#"],"first_seq":{},"last_seq":{}}}"#,
+        rec.first_seq, rec.seq
+    ));
+    Ok(json_response(StatusCode::OK, body))
+}
+
+/// GET /metrics
+pub fn metrics(state: &AppState) -> Response {
+    let gauges = StoreGauges {
+        jobs: state.src.store.job_count(),
+        watched_jobs: state.src.hub.watched_jobs(),
+        head_offset: state.src.writer.visible(),
+        disk_bytes: state.src.store.size_on_disk(),
+        ready: state.supervisor.health().is_ready(),
+    };
+    warp::reply::with_header(
+        state.src.metrics.render(&gauges),
+        "content-type",
+        "text/plain; version=0.0.4",
+    )
+    .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_types() {
+        assert!(is_json(Some("application/json")));
+        assert!(is_json(Some("Application/JSON; charset=utf-8")));
+        assert!(!is_json(Some("text/plain")));
+        assert!(!is_json(Some("application/jsonx")));
+        assert!(!is_json(None));
+    }
+
+    #[test]
+    fn bodies_are_classified() {
+        let code = |b: &str| parse_updates(b.as_bytes(), 100).map(|v| v.len()).map_err(|e| e.code());
+        assert_eq!(code(r#"{"percent":1}"#), Ok(1));
+        assert_eq!(code(r#"[{"percent":1},{"stage":"x"}]"#), Ok(2));
+        assert_eq!(code("{"), Err("invalid_json"));
+        assert_eq!(code("\u{0}"), Err("invalid_json"));
+        for body in ["42", "null", "{}", "[]", r#"{"nope":1}"#, r#"[{"percent":1}, 3]"#] {
+            assert_eq!(code(body), Err("invalid_body"), "{body}");
+        }
+        let batch = format!("[{}]", vec![r#"{"percent":1}"#; 1001].join(","));
+        assert_eq!(code(&batch), Err("invalid_body"));
+        assert_eq!(
+            parse_updates(b"\xff\xfe", 100).unwrap_err().code(),
+            "invalid_json"
+        );
+    }
+}

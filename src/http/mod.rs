@@ -1,0 +1,263 @@
+//! HTTP: the routes of the API (v1), as warp filters.
+//!
+//! Each filter is named for its resource and documented with its route line; handlers are in
+//! [`jobs`] (REST), `sse.rs` and `ws.rs` (streams). Paths are matched before methods so that a
+//! known path with the wrong method is `405`, not `404`. Every rejection ends in
+//! [`error::recover`], which writes the contract's JSON error body.
+
+pub mod error;
+pub mod jobs;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use percent_encoding::percent_decode_str;
+use warp::http::StatusCode;
+use warp::reply::{Reply, Response};
+use warp::Filter;
+
+use crate::config::Config;
+use crate::model::JobId;
+use crate::subscription::Source;
+use crate::supervisor::Supervisor;
+use crate::{sse, ws};
+use error::ApiError;
+
+/// What every handler shares; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub src: Source,
+    pub config: Arc<Config>,
+    pub supervisor: Supervisor,
+}
+
+/// All routes, with errors recovered into JSON bodies.
+pub fn routes(
+    state: AppState,
+) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
+    probes(state.clone())
+        .or(job_events(state.clone()))
+        .unify()
+        .or(job_stream(state.clone()))
+        .unify()
+        .or(job_ws(state.clone()))
+        .unify()
+        .or(job(state.clone()))
+        .unify()
+        .or(jobs(state.clone()))
+        .unify()
+        .or(stream(state.clone()))
+        .unify()
+        .or(ws_many(state))
+        .unify()
+        .recover(error::recover)
+        .unify()
+}
+
+fn with_state(
+    state: AppState,
+) -> impl Filter<Extract = (AppState,), Error = Infallible> + Clone {
+    warp::any().map(move || state.clone())
+}
+
+/// The raw query string, empty when there is none.
+fn raw_query() -> impl Filter<Extract = (String,), Error = Infallible> + Clone {
+    warp::query::raw()
+        .or(warp::any().map(String::new))
+        .unify()
+}
+
+/// Handlers return `Result<Response, ApiError>`; warp wants rejections.
+macro_rules! handle {
+    ($call:expr) => {
+        async move { $call.await.map_err(error::reject) }
+    };
+}
+
+/// GET /healthz, GET /readyz, GET /metrics
+fn probes(
+    state: AppState,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    let healthz = warp::path!("healthz")
+        .and(warp::get())
+        .map(|| json_response(StatusCode::OK, r#"{"status":"ok"}"#.to_owned()));
+    let readyz = warp::path!("readyz")
+        .and(warp::get())
+        .and(with_state(state.clone()))
+        .map(|state: AppState| {
+            if state.supervisor.health().is_ready() {
+                json_response(StatusCode::OK, r#"{"status":"ready"}"#.to_owned())
+            } else {
+                ApiError::Unavailable.into_response()
+            }
+        });
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .and(with_state(state))
+        .map(|state: AppState| jobs::metrics(&state));
+    healthz.or(readyz).unify().or(metrics).unify()
+}
+
+/// POST /v1/jobs/{job}/events  (publish one update or a batch)
+/// GET  /v1/jobs/{job}/events?after=N&limit=L  (history)
+fn job_events(
+    state: AppState,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    let path = warp::path!("v1" / "jobs" / String / "events");
+    let publish = path
+        .and(warp::post())
+        .and(warp::header::optional::<String>("content-type"))
+        .and(warp::header::optional::<u64>("content-length"))
+        .and(warp::body::stream())
+        .and(with_state(state.clone()))
+        .and_then(|job, ct, len, body, state| handle!(jobs::publish(job, ct, len, body, state)));
+    let history = path
+        .and(warp::get())
+        .and(raw_query())
+        .and(with_state(state))
+        .and_then(|job, query, state| handle!(jobs::history(job, query, state)));
+    publish.or(history).unify()
+}
+
+/// GET    /v1/jobs/{job}  (snapshot)
+/// DELETE /v1/jobs/{job}
+fn job(state: AppState) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    let path = warp::path!("v1" / "jobs" / String);
+    let get = path
+        .and(warp::get())
+        .and(with_state(state.clone()))
+        .and_then(|job, state| handle!(jobs::snapshot(job, state)));
+    let delete = path
+        .and(warp::delete())
+        .and(with_state(state))
+        .and_then(|job, state| handle!(jobs::delete(job, state)));
+    get.or(delete).unify()
+}
+
+/// GET /v1/jobs?status=&prefix=&limit=&cursor=
+fn jobs(state: AppState) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    warp::path!("v1" / "jobs")
+        .and(warp::get())
+        .and(raw_query())
+        .and(with_state(state))
+        .and_then(|query, state| handle!(jobs::list(query, state)))
+}
+
+/// GET /v1/jobs/{job}/stream  (Server-Sent Events; resume with Last-Event-ID or ?after=)
+fn job_stream(
+    state: AppState,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    warp::path!("v1" / "jobs" / String / "stream")
+        .and(warp::get())
+        .and(warp::header::optional::<String>("last-event-id"))
+        .and(raw_query())
+        .and(with_state(state))
+        .and_then(|job, last, query, state| handle!(sse::job_stream(job, last, query, state)))
+}
+
+/// GET /v1/stream?job=a&job=b | ?prefix=p  (Server-Sent Events for many jobs, ids are offsets)
+fn stream(state: AppState) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    warp::path!("v1" / "stream")
+        .and(warp::get())
+        .and(warp::header::optional::<String>("last-event-id"))
+        .and(raw_query())
+        .and(with_state(state))
+        .and_then(|last, query, state| handle!(sse::many_stream(last, query, state)))
+}
+
+/// GET /v1/jobs/{job}/ws?after=N  (WebSocket for one job)
+fn job_ws(state: AppState) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    warp::path!("v1" / "jobs" / String / "ws")
+        .and(warp::get())
+        .and(raw_query())
+        .and(with_state(state))
+        .and_then(|job, query, state| handle!(ws::check_job(job, query, state)))
+        .and(ws::upgrade())
+        .map(ws::job_session)
+}
+
+/// GET /v1/ws  (WebSocket for many jobs, subscribed by message)
+fn ws_many(state: AppState) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    warp::path!("v1" / "ws")
+        .and(warp::get())
+        .and(with_state(state))
+        .and(ws::upgrade())
+        .map(ws::many_session)
+}
+
+/// A job id from a path segment: percent-decoded (browsers send `:` as `%3A`), then validated.
+pub fn job_from_path(raw: &str) -> Result<JobId, ApiError> {
+    let decoded = percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| ApiError::InvalidJobId(crate::model::InvalidJobId(raw.to_owned())))?;
+    Ok(JobId::parse(&decoded)?)
+}
+
+/// `name=value` pairs of a query string, decoded.
+pub fn query_pairs(query: &str) -> Vec<(String, String)> {
+    form_urlencoded::parse(query.as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
+
+/// The value of the last `name=` in `pairs`.
+pub fn query_value<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    pairs
+        .iter()
+        .rev()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// A resume point: the `Last-Event-ID` header wins over `?after=`; either must be a
+/// non-negative integer.
+pub fn resume_point(
+    header: Option<&str>,
+    after: Option<&str>,
+) -> Result<Option<u64>, ApiError> {
+    match header.or(after) {
+        None => Ok(None),
+        Some(raw) => parse_u64(raw)
+            .map(Some)
+            .ok_or_else(|| ApiError::InvalidLastEventId(raw.chars().take(64).collect())),
+    }
+}
+
+/// Digits only: no sign, no spaces.
+pub fn parse_u64(raw: &str) -> Option<u64> {
+    if raw.is_empty() || !raw.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    raw.parse().ok()
+}
+
+/// A JSON body we rendered ourselves.
+pub fn json_response(status: StatusCode, body: String) -> Response {
+    warp::reply::with_status(
+        warp::reply::with_header(body, "content-type", "application/json"),
+        status,
+    )
+    .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_points() {
+        assert_eq!(resume_point(None, None).unwrap(), None);
+        assert_eq!(resume_point(Some("7"), Some("3")).unwrap(), Some(7));
+        assert_eq!(resume_point(None, Some("3")).unwrap(), Some(3));
+        for bad in ["-1", "+1", "x", "", " 1", "1.0", "99999999999999999999999"] {
+            assert!(resume_point(Some(bad), None).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn job_ids_in_paths_are_decoded() {
+        assert_eq!(job_from_path("a%3Ab").unwrap().as_str(), "a:b");
+        assert!(job_from_path("a%2Fb").is_err());
+        assert!(job_from_path("%FF").is_err());
+    }
+}

@@ -1,0 +1,149 @@
+//! progressd: durable job progress, fanned out live over Server-Sent Events and WebSocket.
+//!
+//! # Map
+//!
+//! A publish travels `http` → `writer` → `store` (durable) → `hub` → `subscription` →
+//! `sse` / `ws`:
+//!
+//! | module           | owns                                                                   |
+//! |------------------|------------------------------------------------------------------------|
+//! | [`config`]       | the command line and the validated [`Config`]                          |
+//! | [`model`]        | job ids, updates, events, snapshots: validation and JSON shapes        |
+//! | [`store`]        | sled: trees, keys, encoding, one transaction per group commit          |
+//! | [`writer`]       | the single writer: seqs, offsets, group commit, retention by count     |
+//! | [`hub`]          | live fan-out through broadcast channels                                |
+//! | [`subscription`] | replay from the store then live from the hub, resets, lag catch-up     |
+//! | [`http`]         | warp routes, REST handlers, the JSON error body                        |
+//! | [`sse`]          | Server-Sent Events framing and endpoints                               |
+//! | [`ws`]           | WebSocket sessions                                                     |
+//! | [`retention`]    | expiry of finished jobs after `--finished-ttl`                         |
+//! | [`supervisor`]   | every task: named, tracked, failures logged and counted, shutdown      |
+//! | [`metrics`]      | counters and gauges for `/metrics`                                     |
+//!
+//! [`run`] is the daemon: it takes a bound listener and a shutdown token, so the binary and
+//! the tests drive the same code.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod http;
+pub mod hub;
+pub mod metrics;
+pub mod model;
+pub mod retention;
+pub mod sse;
+pub mod store;
+pub mod subscription;
+pub mod supervisor;
+pub mod writer;
+pub mod ws;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use config::Config;
+
+use hub::Hub;
+use metrics::Metrics;
+use store::{Store, StoreError};
+use subscription::Source;
+use supervisor::Supervisor;
+
+#[derive(Debug, Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("listener: {0}")]
+    Listener(#[source] std::io::Error),
+}
+
+/// Runs the daemon on `listener` until `shutdown` is cancelled, then drains within
+/// `config.shutdown_timeout` and flushes the store.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let addr = listener.local_addr().map_err(RunError::Listener)?;
+    let metrics = Arc::new(Metrics::default());
+    let supervisor = Supervisor::new(shutdown.clone(), Arc::clone(&metrics));
+
+    // Until `serve` below, connections wait in the kernel's accept queue: nobody is told
+    // "unavailable" while we recover.
+    let store = Store::open(&config.data_dir, config.cache_bytes)?;
+    let hub = Hub::new(config.job_channel, config.all_channel);
+    // The writer outlives the HTTP server's drain so in-flight publishes are answered.
+    let writer_stop = CancellationToken::new();
+    let writer = writer::start(
+        store.clone(),
+        Arc::clone(&hub),
+        &config,
+        &supervisor,
+        writer_stop.clone(),
+    )?;
+    {
+        let (store, writer, every, token) = (
+            store.clone(),
+            writer.clone(),
+            config.gc_interval,
+            shutdown.clone(),
+        );
+        supervisor.service("retention", move || {
+            retention::run(store.clone(), writer.clone(), every, token.clone())
+        });
+    }
+
+    let config = Arc::new(config);
+    let state = http::AppState {
+        src: Source {
+            store: store.clone(),
+            hub,
+            writer,
+            metrics,
+        },
+        config: Arc::clone(&config),
+        supervisor: supervisor.clone(),
+    };
+    let server = warp::serve(http::routes(state))
+        .incoming(listener)
+        .graceful(shutdown.clone().cancelled_owned())
+        .run();
+    supervisor.health().set_started(true);
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        %addr,
+        data_dir = %config.data_dir.display(),
+        durability = ?config.durability,
+        history = config.history,
+        finished_ttl = %humantime::format_duration(config.finished_ttl),
+        "progressd listening"
+    );
+
+    tokio::pin!(server);
+    tokio::select! {
+        () = &mut server => {}
+        () = shutdown.cancelled() => {}
+    }
+    let deadline = Instant::now() + config.shutdown_timeout;
+    supervisor.health().set_started(false);
+    info!(grace = ?config.shutdown_timeout, "shutting down: ending streams, draining connections");
+    // Streams end on the token; warp then waits for every open connection, with no limit of
+    // its own.
+    if tokio::time::timeout_at(deadline, &mut server).await.is_err() {
+        warn!("connections still open at the end of the grace period; closing them");
+    }
+    writer_stop.cancel();
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    supervisor
+        .shutdown(remaining.max(Duration::from_millis(500)))
+        .await;
+    store.flush_now()?;
+    info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,479 @@
+//! The store: the only module that touches sled.
+//!
+//! Trees and their keys (all integers fixed-width big-endian, so sled's byte order is the
+//! numeric order and a resume is a seek, not a scan):
+//!
+//! | tree     | key                                   | value                         |
+//! |----------|---------------------------------------|-------------------------------|
+//! | `jobs`   | job id                                | [`JobRecord`] (the snapshot)  |
+//! | `events` | job num (8) + seq (8)                 | [`Event`]                     |
+//! | `log`    | offset (8)                            | [`LogEntry`]                  |
+//! | `expiry` | due ms (8) + kind (1) + job/offset    | empty                         |
+//! | `meta`   | name                                  | u64                           |
+//!
+//! Values are encoded with bincode in [`codec`], the one place that knows the encoding.
+//!
+//! The store does not decide anything: the writer (`writer.rs`) is its only mutator and hands
+//! it a [`Mutation`] that it applies in one sled transaction. Reads are free for anyone.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+use thiserror::Error;
+
+use crate::model::{Event, JobRecord, Status};
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("store: open {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: sled::Error,
+    },
+    #[error("store: {op}: {source}")]
+    Sled {
+        op: &'static str,
+        #[source]
+        source: sled::Error,
+    },
+    #[error("store: decode {what}: {detail}")]
+    Decode { what: &'static str, detail: String },
+    #[error("store: encode {what}: {detail}")]
+    Encode { what: &'static str, detail: String },
+}
+
+impl StoreError {
+    fn sled(op: &'static str) -> impl FnOnce(sled::Error) -> StoreError {
+        move |source| StoreError::Sled { op, source }
+    }
+}
+
+/// An entry of the global log: every offset is either an event or the removal of a job, so a
+/// multi-job stream can replay deletions too.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum LogEntry {
+    Event { job: String, num: u64, seq: u64 },
+    Removed { job: String },
+}
+
+impl LogEntry {
+    pub fn job(&self) -> &str {
+        match self {
+            LogEntry::Event { job, .. } | LogEntry::Removed { job } => job,
+        }
+    }
+}
+
+/// What the retention collector may have to do at a due time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Expiry {
+    /// A finished job whose TTL has run out.
+    Job(String),
+    /// The tombstone of a removed job at this log offset.
+    Tombstone(u64),
+}
+
+/// Counters kept in the meta tree.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Heads {
+    /// Last global offset allocated.
+    pub offset: u64,
+    /// Last job number allocated.
+    pub num: u64,
+    /// Highest log offset dropped with a tombstone: a multi-job stream resuming before it
+    /// cannot know what it missed.
+    pub log_floor: u64,
+}
+
+/// Everything one group commit changes, applied atomically by [`Store::commit`].
+#[derive(Debug, Default)]
+pub struct Mutation {
+    pub jobs: Vec<(String, Option<JobRecord>)>,
+    pub events: Vec<((u64, u64), Option<Event>)>,
+    pub log: Vec<(u64, Option<LogEntry>)>,
+    pub expiry: Vec<((u64, Expiry), bool)>,
+    pub heads: Option<Heads>,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    jobs: sled::Tree,
+    events: sled::Tree,
+    log: sled::Tree,
+    expiry: sled::Tree,
+    meta: sled::Tree,
+}
+
+const META_OFFSET: &[u8] = b"offset";
+const META_NUM: &[u8] = b"num";
+const META_LOG_FLOOR: &[u8] = b"log_floor";
+
+impl Store {
+    /// Opens (or creates) the store in `dir`. `cache_bytes` bounds sled's page cache.
+    pub fn open(dir: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
+        let open_err = |source| StoreError::Open {
+            path: dir.display().to_string(),
+            source,
+        };
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            // Durability comes from our own flushes (group commit); sled's timer flush only
+            // adds writes the writer would issue anyway.
+            .flush_every_ms(None)
+            .open()
+            .map_err(open_err)?;
+        let tree = |name: &str| db.open_tree(name).map_err(open_err);
+        Ok(Store {
+            jobs: tree("jobs")?,
+            events: tree("events")?,
+            log: tree("log")?,
+            expiry: tree("expiry")?,
+            meta: tree("meta")?,
+            db,
+        })
+    }
+
+    pub fn heads(&self) -> Result<Heads, StoreError> {
+        let get = |key: &[u8]| -> Result<u64, StoreError> {
+            Ok(self
+                .meta
+                .get(key)
+                .map_err(StoreError::sled("read meta"))?
+                .map(|v| codec::u64_from(&v))
+                .unwrap_or(0))
+        };
+        Ok(Heads {
+            offset: get(META_OFFSET)?,
+            num: get(META_NUM)?,
+            log_floor: get(META_LOG_FLOOR)?,
+        })
+    }
+
+    pub fn job(&self, job: &str) -> Result<Option<JobRecord>, StoreError> {
+        self.jobs
+            .get(job.as_bytes())
+            .map_err(StoreError::sled("read job"))?
+            .map(|v| codec::decode("job", &v))
+            .transpose()
+    }
+
+    /// Jobs in id order after `cursor`, matching `prefix` and `status`; at most `limit`, and
+    /// whether more follow.
+    pub fn list_jobs(
+        &self,
+        cursor: Option<&str>,
+        prefix: &str,
+        status: Option<Status>,
+        limit: usize,
+    ) -> Result<(Vec<(String, JobRecord)>, bool), StoreError> {
+        let iter = match cursor {
+            // Strictly after the cursor: the key followed by the smallest byte.
+            Some(c) if c >= prefix => self.jobs.range([c.as_bytes(), &[0]].concat()..),
+            _ => self.jobs.range(prefix.as_bytes()..),
+        };
+        let mut out = Vec::new();
+        for item in iter {
+            let (key, value) = item.map_err(StoreError::sled("list jobs"))?;
+            if !key.starts_with(prefix.as_bytes()) {
+                break;
+            }
+            let rec: JobRecord = codec::decode("job", &value)?;
+            if status.is_some_and(|s| s != rec.status) {
+                continue;
+            }
+            if out.len() == limit {
+                return Ok((out, true));
+            }
+            out.push((codec::string_from(&key)?, rec));
+        }
+        Ok((out, false))
+    }
+
+    /// Every job whose id starts with `prefix` (for the reset of a multi-job stream).
+    pub fn jobs_with_prefix(&self, prefix: &str) -> Result<Vec<(String, JobRecord)>, StoreError> {
+        self.jobs
+            .scan_prefix(prefix.as_bytes())
+            .map(|item| {
+                let (key, value) = item.map_err(StoreError::sled("scan jobs"))?;
+                Ok((codec::string_from(&key)?, codec::decode("job", &value)?))
+            })
+            .collect()
+    }
+
+    /// Up to `limit` retained events of job incarnation `num` with seq > `after`, in order.
+    pub fn events_after(&self, num: u64, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
+        let start = codec::event_key(num, after.saturating_add(1));
+        let end = codec::event_key(num, u64::MAX);
+        self.events
+            .range(start..=end)
+            .take(limit)
+            .map(|item| {
+                let (_, value) = item.map_err(StoreError::sled("read events"))?;
+                codec::decode("event", &value)
+            })
+            .collect()
+    }
+
+    pub fn event(&self, num: u64, seq: u64) -> Result<Option<Event>, StoreError> {
+        self.events
+            .get(codec::event_key(num, seq))
+            .map_err(StoreError::sled("read event"))?
+            .map(|v| codec::decode("event", &v))
+            .transpose()
+    }
+
+    /// Up to `limit` log entries with offset > `after`, in order.
+    pub fn log_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, LogEntry)>, StoreError> {
+        self.log
+            .range(codec::u64_key(after.saturating_add(1))..)
+            .take(limit)
+            .map(|item| {
+                let (key, value) = item.map_err(StoreError::sled("read log"))?;
+                Ok((codec::u64_from(&key), codec::decode("log entry", &value)?))
+            })
+            .collect()
+    }
+
+    /// Expiries due at or before `now_ms`, oldest first.
+    pub fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<(u64, Expiry)>, StoreError> {
+        self.expiry
+            .range(..codec::u64_key(now_ms.saturating_add(1)))
+            .take(limit)
+            .map(|item| {
+                let (key, _) = item.map_err(StoreError::sled("read expiry"))?;
+                codec::expiry_from(&key)
+            })
+            .collect()
+    }
+
+    /// Applies a mutation in one transaction: a crash keeps all of it or none of it.
+    pub fn commit(&self, m: &Mutation) -> Result<(), StoreError> {
+        let mut jobs = sled::Batch::default();
+        for (key, rec) in &m.jobs {
+            match rec {
+                Some(rec) => jobs.insert(key.as_bytes(), codec::encode("job", rec)?),
+                None => jobs.remove(key.as_bytes()),
+            }
+        }
+        let mut events = sled::Batch::default();
+        for ((num, seq), ev) in &m.events {
+            let key = codec::event_key(*num, *seq);
+            match ev {
+                Some(ev) => events.insert(&key, codec::encode("event", ev)?),
+                None => events.remove(&key),
+            }
+        }
+        let mut log = sled::Batch::default();
+        for (offset, entry) in &m.log {
+            let key = codec::u64_key(*offset);
+            match entry {
+                Some(entry) => log.insert(&key, codec::encode("log entry", entry)?),
+                None => log.remove(&key),
+            }
+        }
+        let mut expiry = sled::Batch::default();
+        for ((due, what), present) in &m.expiry {
+            let key = codec::expiry_key(*due, what);
+            if *present {
+                expiry.insert(key, &[]);
+            } else {
+                expiry.remove(key);
+            }
+        }
+        let mut meta = sled::Batch::default();
+        if let Some(h) = m.heads {
+            meta.insert(META_OFFSET, &codec::u64_key(h.offset));
+            meta.insert(META_NUM, &codec::u64_key(h.num));
+            meta.insert(META_LOG_FLOOR, &codec::u64_key(h.log_floor));
+        }
+        (&self.jobs, &self.events, &self.log, &self.expiry, &self.meta)
+            .transaction(|(tj, te, tl, tx, tm)| {
+                tj.apply_batch(&jobs)?;
+                te.apply_batch(&events)?;
+                tl.apply_batch(&log)?;
+                tx.apply_batch(&expiry)?;
+                tm.apply_batch(&meta)?;
+                Ok::<(), ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Storage(source) => StoreError::Sled {
+                    op: "commit",
+                    source,
+                },
+                TransactionError::Abort(()) => StoreError::Sled {
+                    op: "commit",
+                    source: sled::Error::Unsupported("transaction aborted".into()),
+                },
+            })
+    }
+
+    /// Makes every committed write durable. Concurrent callers share sled's flush.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db
+            .flush_async()
+            .await
+            .map(drop)
+            .map_err(StoreError::sled("flush"))
+    }
+
+    /// Blocking flush, for shutdown.
+    pub fn flush_now(&self) -> Result<(), StoreError> {
+        self.db.flush().map(drop).map_err(StoreError::sled("flush"))
+    }
+
+    /// Size of the store on disk, in bytes.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+
+    /// Number of jobs (a full count; for metrics, not for hot paths).
+    pub fn job_count(&self) -> usize {
+        self.jobs.len()
+    }
+}
+
+/// Keys and values: the one place that knows how things are laid out in bytes.
+mod codec {
+    use serde::de::DeserializeOwned;
+    use serde::Serialize;
+
+    use super::{Expiry, StoreError};
+
+    // bincode 2 with its standard (varint) configuration; pinned in Cargo.toml because the
+    // encoding is our on-disk format.
+    fn config() -> bincode::config::Configuration {
+        bincode::config::standard()
+    }
+
+    pub fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
+        bincode::serde::encode_to_vec(value, config()).map_err(|e| StoreError::Encode {
+            what,
+            detail: e.to_string(),
+        })
+    }
+
+    pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+        bincode::serde::decode_from_slice(bytes, config())
+            .map(|(v, _)| v)
+            .map_err(|e| StoreError::Decode {
+                what,
+                detail: e.to_string(),
+            })
+    }
+
+    pub fn u64_key(n: u64) -> [u8; 8] {
+        n.to_be_bytes()
+    }
+
+    pub fn u64_from(bytes: &[u8]) -> u64 {
+        let mut buf = [0u8; 8];
+        let n = bytes.len().min(8);
+        buf[..n].copy_from_slice(&bytes[..n]);
+        u64::from_be_bytes(buf)
+    }
+
+    pub fn string_from(bytes: &[u8]) -> Result<String, StoreError> {
+        String::from_utf8(bytes.to_vec()).map_err(|e| StoreError::Decode {
+            what: "job id",
+            detail: e.to_string(),
+        })
+    }
+
+    pub fn event_key(num: u64, seq: u64) -> [u8; 16] {
+        let mut key = [0u8; 16];
+        key[..8].copy_from_slice(&num.to_be_bytes());
+        key[8..].copy_from_slice(&seq.to_be_bytes());
+        key
+    }
+
+    const EXPIRE_JOB: u8 = b'J';
+    const EXPIRE_TOMBSTONE: u8 = b'T';
+
+    pub fn expiry_key(due: u64, what: &Expiry) -> Vec<u8> {
+        let mut key = due.to_be_bytes().to_vec();
+        match what {
+            Expiry::Job(job) => {
+                key.push(EXPIRE_JOB);
+                key.extend_from_slice(job.as_bytes());
+            }
+            Expiry::Tombstone(offset) => {
+                key.push(EXPIRE_TOMBSTONE);
+                key.extend_from_slice(&offset.to_be_bytes());
+            }
+        }
+        key
+    }
+
+    pub fn expiry_from(key: &[u8]) -> Result<(u64, Expiry), StoreError> {
+        let bad = || StoreError::Decode {
+            what: "expiry key",
+            detail: format!("{} bytes", key.len()),
+        };
+        if key.len() < 9 {
+            return Err(bad());
+        }
+        let due = u64_from(&key[..8]);
+        let what = match key[8] {
+            EXPIRE_JOB => Expiry::Job(string_from(&key[9..])?),
+            EXPIRE_TOMBSTONE if key.len() == 17 => Expiry::Tombstone(u64_from(&key[9..])),
+            _ => return Err(bad()),
+        };
+        Ok((due, what))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Change;
+
+    fn event(job: &str, seq: u64, offset: u64) -> Event {
+        Event {
+            job: job.into(),
+            seq,
+            offset,
+            at_ms: 1,
+            change: Change {
+                percent: Some(seq as f64),
+                ..Change::default()
+            },
+        }
+    }
+
+    #[test]
+    fn keys_sort_numerically_and_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let mut m = Mutation::default();
+        for seq in [1u64, 2, 255, 256, 70_000] {
+            m.events.push(((7, seq), Some(event("a", seq, seq))));
+        }
+        m.events.push(((8, 1), Some(event("b", 1, 99))));
+        m.expiry.push(((5, Expiry::Job("a".into())), true));
+        m.expiry.push(((3, Expiry::Tombstone(9)), true));
+        m.heads = Some(Heads {
+            offset: 99,
+            num: 8,
+            log_floor: 0,
+        });
+        store.commit(&m).unwrap();
+        let seqs: Vec<u64> = store
+            .events_after(7, 1, 10)
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(seqs, vec![2, 255, 256, 70_000]);
+        assert_eq!(store.heads().unwrap().offset, 99);
+        assert_eq!(
+            store.due(10, 10).unwrap(),
+            vec![(3, Expiry::Tombstone(9)), (5, Expiry::Job("a".into()))]
+        );
+        assert_eq!(store.due(4, 10).unwrap().len(), 1);
+    }
+}

@@ -1,0 +1,507 @@
+//! Subscriptions: replay from the store, then live from the hub, with no seam.
+//!
+//! This is the heart of "a client that reconnects gets exactly what it missed". Both kinds of
+//! subscription follow the same recipe:
+//!
+//! 1. subscribe to the hub channel *before* reading the store, so nothing published meanwhile
+//!    can fall between the two;
+//! 2. decide where to start: a snapshot (fresh subscribe), the resume point, or a `reset` when
+//!    the resume point is not retained (too old) or not yet reached (in the future);
+//! 3. replay retained events after that point from the store, never past the writer's visible
+//!    watermark (what is above it will come live);
+//! 4. follow the live channel, skipping what was replayed; a gap or a `Lagged` receiver sends
+//!    us back to step 3 from the last position delivered.
+//!
+//! A subscription produces [`Frame`]s into a small bounded channel; the transports (`sse.rs`,
+//! `ws.rs`) turn frames into bytes. A slow client fills that channel and then simply stops
+//! its own subscription's progress: the broadcast channel moves on without it, and it catches
+//! up from the store when it reads again. Nobody else waits.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use thiserror::Error;
+use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::hub::{EventMsg, Hub, JobReceiver, Notice};
+use crate::metrics::Metrics;
+use crate::model::{to_json_line, JobId, JobRecord, Status};
+use crate::store::{LogEntry, Store, StoreError};
+use crate::writer::{WriteError, Writer};
+
+/// Events read from the store per page.
+const PAGE: usize = 256;
+
+#[derive(Debug, Error)]
+pub enum SubscriptionError {
+    #[error("subscription: {0}")]
+    Store(#[from] StoreError),
+    #[error("subscription: {0}")]
+    Write(#[from] WriteError),
+}
+
+/// One thing to deliver to a subscriber.
+#[derive(Debug)]
+pub enum Frame {
+    /// A job's snapshot: `snapshot` on a fresh subscribe, `reset` when the resume point was
+    /// not retained. `seq` is its id.
+    Snapshot {
+        reset: bool,
+        job: Arc<str>,
+        seq: u64,
+        json: String,
+    },
+    /// The reset of a multi-job stream: `{"jobs":[...]}` of every matching job, at `offset`.
+    ResetAll { offset: u64, json: String },
+    Event(Arc<EventMsg>),
+    /// The job reached a terminal status; nothing follows for it.
+    End { job: Arc<str>, status: Status },
+    /// The job was deleted or expired. `offset` is its log entry (0 when not known).
+    Removed { job: Arc<str>, offset: u64 },
+}
+
+impl Frame {
+    fn snapshot(reset: bool, job: &str, rec: &JobRecord) -> Frame {
+        Frame::Snapshot {
+            reset,
+            job: Arc::from(job),
+            seq: rec.seq,
+            json: rec.to_json(job),
+        }
+    }
+}
+
+/// Everything a subscription reads from.
+#[derive(Clone)]
+pub struct Source {
+    pub store: Store,
+    pub hub: Arc<Hub>,
+    pub writer: Writer,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Where frames go; `false` from [`Out::send`] means the subscriber is gone.
+struct Out<'a>(&'a mpsc::Sender<Frame>);
+
+impl Out<'_> {
+    async fn send(&self, frame: Frame) -> bool {
+        self.0.send(frame).await.is_ok()
+    }
+}
+
+/// Whether a subscription goes on after a step.
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Done,
+}
+
+/// How a per-job subscription starts.
+pub enum Start {
+    /// The resume point is at or past the end of a finished job: nothing will ever come
+    /// (SSE answers 204 so EventSource stops reconnecting).
+    Finished(Status),
+    Follow(JobSubscription),
+}
+
+impl Source {
+    /// A job's record once everything it reflects is visible.
+    pub async fn visible_job(&self, job: &str) -> Result<Option<JobRecord>, SubscriptionError> {
+        let rec = self.store.job(job)?;
+        if let Some(rec) = &rec {
+            self.writer.wait_visible(rec.last_offset).await?;
+        }
+        Ok(rec)
+    }
+
+    /// Subscribes to one job from `resume` (a seq), or from its snapshot.
+    pub fn open_job(&self, job: JobId, resume: Option<u64>) -> Result<Start, SubscriptionError> {
+        let rx = self.hub.subscribe_job(job.as_str());
+        if let Some(n) = resume {
+            if let Some(rec) = self.store.job(job.as_str())? {
+                if rec.is_finished() && n >= rec.seq {
+                    return Ok(Start::Finished(rec.status));
+                }
+            }
+        }
+        Ok(Start::Follow(JobSubscription { rx, job, resume }))
+    }
+
+    /// Subscribes to the jobs `filter` matches from `resume` (an offset), or from now.
+    pub fn open_many(&self, filter: Filter, resume: Option<u64>) -> ManySubscription {
+        ManySubscription {
+            rx: self.hub.subscribe_all(),
+            filter,
+            resume,
+        }
+    }
+}
+
+/// Position of a per-job subscription.
+struct Position {
+    /// Last seq delivered (or covered by a snapshot).
+    last: u64,
+    /// Incarnation of the job being followed, once known.
+    num: Option<u64>,
+}
+
+pub struct JobSubscription {
+    rx: JobReceiver,
+    job: JobId,
+    resume: Option<u64>,
+}
+
+impl JobSubscription {
+    /// Delivers frames into `out` until the job ends, the subscriber leaves or `cancel` fires.
+    pub async fn run(
+        self,
+        src: Source,
+        out: mpsc::Sender<Frame>,
+        cancel: CancellationToken,
+    ) -> Result<(), SubscriptionError> {
+        tokio::select! {
+            r = self.follow(&src, Out(&out)) => r,
+            () = cancel.cancelled() => Ok(()),
+            () = out.closed() => Ok(()),
+        }
+    }
+
+    async fn follow(mut self, src: &Source, out: Out<'_>) -> Result<(), SubscriptionError> {
+        let job = self.job.as_str();
+        let mut pos = Position { last: 0, num: None };
+        match (self.resume, src.visible_job(job).await?) {
+            (None, Some(rec)) => {
+                pos = Position {
+                    last: rec.seq,
+                    num: Some(rec.num),
+                };
+                if !out.send(Frame::snapshot(false, job, &rec)).await {
+                    return Ok(());
+                }
+                if rec.is_finished() {
+                    out.send(end(job, rec.status)).await;
+                    return Ok(());
+                }
+            }
+            // Not published yet (or deleted): its events will be delivered from seq 1.
+            (_, None) => {}
+            (Some(n), Some(rec)) if n > rec.seq || n + 1 < rec.first_seq => {
+                src.metrics.resets.fetch_add(1, Relaxed);
+                pos = Position {
+                    last: rec.seq,
+                    num: Some(rec.num),
+                };
+                if !out.send(Frame::snapshot(true, job, &rec)).await {
+                    return Ok(());
+                }
+                if rec.is_finished() {
+                    out.send(end(job, rec.status)).await;
+                    return Ok(());
+                }
+            }
+            (Some(n), Some(rec)) => {
+                if rec.is_finished() && n >= rec.seq {
+                    out.send(end(job, rec.status)).await;
+                    return Ok(());
+                }
+                pos = Position {
+                    last: n,
+                    num: Some(rec.num),
+                };
+            }
+        }
+        if self.catch_up(src, &out, &mut pos).await? == Flow::Done {
+            return Ok(());
+        }
+        loop {
+            let flow = match self.rx.recv().await {
+                Ok(Notice::Event(e)) => {
+                    if pos.num == Some(e.num) && e.seq <= pos.last {
+                        continue;
+                    }
+                    if pos.num.is_some_and(|n| n != e.num) || e.seq != pos.last + 1 {
+                        // A gap: the store has what we missed.
+                        self.catch_up(src, &out, &mut pos).await?
+                    } else {
+                        pos.num = Some(e.num);
+                        pos.last = e.seq;
+                        deliver(&out, e).await
+                    }
+                }
+                Ok(Notice::Removed { job, offset }) => {
+                    out.send(Frame::Removed { job, offset }).await;
+                    Flow::Done
+                }
+                Err(RecvError::Lagged(_)) => {
+                    src.metrics.lag_catchups.fetch_add(1, Relaxed);
+                    self.catch_up(src, &out, &mut pos).await?
+                }
+                Err(RecvError::Closed) => Flow::Done,
+            };
+            if flow == Flow::Done {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Replays from the store everything visible after `pos`.
+    async fn catch_up(
+        &self,
+        src: &Source,
+        out: &Out<'_>,
+        pos: &mut Position,
+    ) -> Result<Flow, SubscriptionError> {
+        let job = self.job.as_str();
+        loop {
+            let visible = src.writer.visible();
+            let rec = match src.store.job(job)? {
+                // Deleted (and maybe published again) while we were away.
+                Some(rec) if pos.num.is_some_and(|n| n != rec.num) => None,
+                other => other,
+            };
+            let Some(rec) = rec else {
+                if pos.num.is_some() {
+                    out.send(Frame::Removed {
+                        job: Arc::from(job),
+                        offset: 0,
+                    })
+                    .await;
+                    return Ok(Flow::Done);
+                }
+                return Ok(Flow::Continue);
+            };
+            pos.num = Some(rec.num);
+            if pos.last + 1 < rec.first_seq {
+                // Retention dropped what we had not delivered yet: say so.
+                src.writer.wait_visible(rec.last_offset).await?;
+                src.metrics.resets.fetch_add(1, Relaxed);
+                pos.last = rec.seq;
+                if !out.send(Frame::snapshot(true, job, &rec)).await {
+                    return Ok(Flow::Done);
+                }
+                if rec.is_finished() {
+                    out.send(end(job, rec.status)).await;
+                    return Ok(Flow::Done);
+                }
+                return Ok(Flow::Continue);
+            }
+            let events = src.store.events_after(rec.num, pos.last, PAGE)?;
+            let full = events.len() == PAGE;
+            for ev in events {
+                if ev.offset > visible {
+                    // Not durable yet: it will come live.
+                    return Ok(Flow::Continue);
+                }
+                pos.last = ev.seq;
+                if deliver(out, Arc::new(EventMsg::new(&ev, rec.num))).await == Flow::Done {
+                    return Ok(Flow::Done);
+                }
+            }
+            if !full {
+                return Ok(Flow::Continue);
+            }
+        }
+    }
+}
+
+fn end(job: &str, status: Status) -> Frame {
+    Frame::End {
+        job: Arc::from(job),
+        status,
+    }
+}
+
+/// Sends an event, and `end` after a terminal one.
+async fn deliver(out: &Out<'_>, e: Arc<EventMsg>) -> Flow {
+    let terminal = e.terminal.map(|s| end(&e.job, s));
+    if !out.send(Frame::Event(e)).await {
+        return Flow::Done;
+    }
+    match terminal {
+        Some(frame) => {
+            out.send(frame).await;
+            Flow::Done
+        }
+        None => Flow::Continue,
+    }
+}
+
+/// Which jobs a multi-job stream carries.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    /// Exactly these jobs (`?job=a&job=b`).
+    pub jobs: Option<BTreeSet<String>>,
+    /// Jobs whose id starts with this (`?prefix=p`); empty for all.
+    pub prefix: String,
+}
+
+impl Filter {
+    pub fn matches(&self, job: &str) -> bool {
+        job.starts_with(&self.prefix) && self.jobs.as_ref().is_none_or(|set| set.contains(job))
+    }
+
+    /// The matching jobs' records.
+    fn records(&self, store: &Store) -> Result<Vec<(String, JobRecord)>, StoreError> {
+        match &self.jobs {
+            Some(set) => {
+                let mut out = Vec::with_capacity(set.len());
+                for job in set.iter().filter(|j| j.starts_with(&self.prefix)) {
+                    if let Some(rec) = store.job(job)? {
+                        out.push((job.clone(), rec));
+                    }
+                }
+                Ok(out)
+            }
+            None => store.jobs_with_prefix(&self.prefix),
+        }
+    }
+}
+
+pub struct ManySubscription {
+    rx: broadcast::Receiver<Notice>,
+    filter: Filter,
+    resume: Option<u64>,
+}
+
+impl ManySubscription {
+    pub async fn run(
+        self,
+        src: Source,
+        out: mpsc::Sender<Frame>,
+        cancel: CancellationToken,
+    ) -> Result<(), SubscriptionError> {
+        tokio::select! {
+            r = self.follow(&src, Out(&out)) => r,
+            () = cancel.cancelled() => Ok(()),
+            () = out.closed() => Ok(()),
+        }
+    }
+
+    async fn follow(mut self, src: &Source, out: Out<'_>) -> Result<(), SubscriptionError> {
+        // `last` is the last offset accounted for: delivered, or known not to match.
+        let mut last = src.writer.visible();
+        if let Some(n) = self.resume {
+            if n > last || self.lost_after(src, n)? {
+                last = self.reset(src, &out).await?;
+            } else {
+                last = n;
+            }
+        }
+        self.catch_up(src, &out, &mut last).await?;
+        loop {
+            match self.rx.recv().await {
+                Ok(notice) => {
+                    if notice.offset() <= last {
+                        continue;
+                    }
+                    if notice.offset() > last + 1 {
+                        // Every offset passes through this channel, so a hole means we missed
+                        // some: the store has them.
+                        self.catch_up(src, &out, &mut last).await?;
+                        if notice.offset() <= last {
+                            continue;
+                        }
+                    }
+                    last = notice.offset();
+                    if !self.filter.matches(notice.job()) {
+                        continue;
+                    }
+                    let frame = match notice {
+                        Notice::Event(e) => Frame::Event(e),
+                        Notice::Removed { job, offset } => Frame::Removed { job, offset },
+                    };
+                    if !out.send(frame).await {
+                        return Ok(());
+                    }
+                }
+                Err(RecvError::Lagged(_)) => {
+                    src.metrics.lag_catchups.fetch_add(1, Relaxed);
+                    self.catch_up(src, &out, &mut last).await?;
+                }
+                Err(RecvError::Closed) => return Ok(()),
+            }
+        }
+    }
+
+    /// Whether a matching event after offset `n` is no longer retained.
+    fn lost_after(&self, src: &Source, n: u64) -> Result<bool, StoreError> {
+        if src.store.heads()?.log_floor > n {
+            return Ok(true);
+        }
+        Ok(self
+            .filter
+            .records(&src.store)?
+            .iter()
+            .any(|(_, rec)| rec.dropped_offset > n))
+    }
+
+    /// Sends a `reset` with the snapshots of every matching job; returns its offset.
+    async fn reset(&self, src: &Source, out: &Out<'_>) -> Result<u64, SubscriptionError> {
+        src.metrics.resets.fetch_add(1, Relaxed);
+        let records = self.filter.records(&src.store)?;
+        let newest = records.iter().map(|(_, r)| r.last_offset).max().unwrap_or(0);
+        src.writer.wait_visible(newest).await?;
+        let offset = src.writer.visible();
+        #[derive(serde::Serialize)]
+        struct Reset<'a> {
+            jobs: Vec<crate::model::SnapshotView<'a>>,
+        }
+        let json = to_json_line(&Reset {
+            jobs: records.iter().map(|(job, rec)| rec.view(job)).collect(),
+        });
+        out.send(Frame::ResetAll { offset, json }).await;
+        Ok(offset)
+    }
+
+    /// Replays the log from `last` up to the visible watermark.
+    async fn catch_up(
+        &self,
+        src: &Source,
+        out: &Out<'_>,
+        last: &mut u64,
+    ) -> Result<(), SubscriptionError> {
+        if self.lost_after(src, *last)? {
+            *last = self.reset(src, out).await?;
+            return Ok(());
+        }
+        loop {
+            let visible = src.writer.visible();
+            let entries = src.store.log_after(*last, PAGE)?;
+            let full = entries.len() == PAGE;
+            for (offset, entry) in entries {
+                if offset > visible {
+                    return Ok(());
+                }
+                if self.filter.matches(entry.job()) {
+                    let frame = match entry {
+                        LogEntry::Event { num, seq, .. } => match src.store.event(num, seq)? {
+                            Some(ev) => Frame::Event(Arc::new(EventMsg::new(&ev, num))),
+                            None => {
+                                // Dropped by retention between our two reads.
+                                *last = self.reset(src, out).await?;
+                                return Ok(());
+                            }
+                        },
+                        LogEntry::Removed { job } => Frame::Removed {
+                            job: Arc::from(job),
+                            offset,
+                        },
+                    };
+                    if !out.send(frame).await {
+                        return Ok(());
+                    }
+                }
+                *last = offset;
+            }
+            if !full {
+                // Offsets up to the watermark with no entry were dropped by retention
+                // (checked above) or belong to nothing we carry.
+                *last = (*last).max(visible);
+                return Ok(());
+            }
+        }
+    }
+}

@@ -1,0 +1,514 @@
+//! The writer: where a publish is stored, made durable and handed to the hub.
+//!
+//! One task owns every mutation of the store. Publishers (and deletes, and retention) send it
+//! commands through a bounded queue; it drains whatever is queued, allocates seqs and offsets,
+//! applies the whole drain in one sled transaction, flushes once (group commit: concurrent
+//! publishers share one fsync), raises the visible watermark, hands the events to the hub and
+//! only then answers each publisher. Because it is alone, seqs are dense and offsets strictly
+//! increasing without any lock, and a crash can only lose a drain that nobody was told about.
+//!
+//! The watermark (`visible`) is the highest offset that readers may show: in `sync` mode the
+//! highest durable offset, in `relaxed` mode the highest committed one. Reads of the store
+//! (snapshots, history, replays) never show anything above it, so a client never sees an event
+//! that a crash could take back.
+//!
+//! What it does not do: validation of input (`model.rs`, done before a command is sent) and
+//! delivery to subscribers (`hub.rs`, `subscription.rs`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot, watch, Mutex};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use crate::config::{Config, Durability};
+use crate::hub::{EventMsg, Hub, Notice};
+use crate::metrics::Metrics;
+use crate::model::{now_ms, Change, Event, JobId, JobRecord};
+use crate::store::{Expiry, Heads, LogEntry, Mutation, Store, StoreError};
+use crate::supervisor::Supervisor;
+
+/// Commands taken in one drain, at most.
+const MAX_DRAIN: usize = 1024;
+/// Pending commands before publishers wait for room.
+const QUEUE: usize = 8192;
+
+/// The answer to an append: seq and offset of its last event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Appended {
+    pub seq: u64,
+    pub offset: u64,
+}
+
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum WriteError {
+    #[error("job {0} has finished; nothing can be published to it")]
+    JobFinished(String),
+    #[error("the store cannot take writes right now")]
+    Unavailable,
+}
+
+#[derive(Debug, Error)]
+pub enum WriterError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+enum Command {
+    Append {
+        job: JobId,
+        changes: Vec<Change>,
+        reply: oneshot::Sender<Result<Appended, WriteError>>,
+    },
+    Delete {
+        job: JobId,
+        reply: oneshot::Sender<Result<bool, WriteError>>,
+    },
+    Expire {
+        due: Vec<(u64, Expiry)>,
+        reply: oneshot::Sender<Result<(), WriteError>>,
+    },
+}
+
+/// The handle everyone else holds: cheap to clone.
+#[derive(Clone)]
+pub struct Writer {
+    tx: mpsc::Sender<Command>,
+    visible: watch::Receiver<u64>,
+}
+
+impl Writer {
+    /// Appends `changes` (one update or a batch) to `job`, all or nothing.
+    pub async fn append(&self, job: JobId, changes: Vec<Change>) -> Result<Appended, WriteError> {
+        self.call(|reply| Command::Append {
+            job,
+            changes,
+            reply,
+        })
+        .await?
+    }
+
+    /// Deletes a job and its history. False if there was no such job.
+    pub async fn delete(&self, job: JobId) -> Result<bool, WriteError> {
+        self.call(|reply| Command::Delete { job, reply }).await?
+    }
+
+    /// Carries out the expiries retention found due.
+    pub async fn expire(&self, due: Vec<(u64, Expiry)>) -> Result<(), WriteError> {
+        self.call(|reply| Command::Expire { due, reply }).await?
+    }
+
+    async fn call<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, WriteError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(command(reply))
+            .await
+            .map_err(|_| WriteError::Unavailable)?;
+        // A dropped reply means the drain failed (the store refused it) or we are stopping.
+        answer.await.map_err(|_| WriteError::Unavailable)
+    }
+
+    /// Highest offset readers may show.
+    pub fn visible(&self) -> u64 {
+        *self.visible.borrow()
+    }
+
+    /// Waits until `offset` is visible (one group commit at most, normally).
+    pub async fn wait_visible(&self, offset: u64) -> Result<(), WriteError> {
+        let mut rx = self.visible.clone();
+        rx.wait_for(|&v| v >= offset)
+            .await
+            .map(drop)
+            .map_err(|_| WriteError::Unavailable)
+    }
+}
+
+/// Starts the writer (and, in relaxed mode, its flusher) under the supervisor. `stop` ends
+/// them once the queue is drained; it is separate from the supervisor's token so that the
+/// HTTP server can finish its in-flight publishes first.
+pub fn start(
+    store: Store,
+    hub: Arc<Hub>,
+    config: &Config,
+    supervisor: &Supervisor,
+    stop: CancellationToken,
+) -> Result<Writer, StoreError> {
+    let heads = store.heads()?;
+    let (tx, rx) = mpsc::channel(QUEUE);
+    let (visible_tx, visible) = watch::channel(heads.offset);
+    let core = Arc::new(Core {
+        store,
+        hub,
+        metrics: Arc::clone(supervisor.metrics()),
+        durability: config.durability,
+        history: config.history,
+        finished_ttl_ms: config.finished_ttl.as_millis() as u64,
+        // Held by one run at a time, across its awaits; a restarted run takes it over with
+        // whatever was queued meanwhile.
+        rx: Mutex::new(rx),
+        visible: visible_tx,
+        stop: stop.clone(),
+    });
+    let run = Arc::clone(&core);
+    supervisor.service("writer", move || Arc::clone(&run).run());
+    if config.durability == Durability::Relaxed {
+        let interval = config.flush_interval;
+        supervisor.service("flusher", move || Arc::clone(&core).flush_every(interval));
+    }
+    Ok(Writer { tx, visible })
+}
+
+struct Core {
+    store: Store,
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    durability: Durability,
+    history: u64,
+    finished_ttl_ms: u64,
+    rx: Mutex<mpsc::Receiver<Command>>,
+    visible: watch::Sender<u64>,
+    stop: CancellationToken,
+}
+
+impl Core {
+    async fn run(self: Arc<Self>) -> Result<(), WriterError> {
+        let mut rx = self.rx.lock().await;
+        // Reload the heads on every (re)start: after a failed commit the store is the truth.
+        let mut heads = self.store.heads()?;
+        debug!(offset = heads.offset, "writer started");
+        loop {
+            let first = tokio::select! {
+                cmd = rx.recv() => cmd,
+                () = self.stop.cancelled() => None,
+            };
+            let Some(first) = first else {
+                // Stopping: refuse new commands, carry out the queued ones, flush.
+                rx.close();
+                let mut rest = Vec::new();
+                while let Some(cmd) = rx.recv().await {
+                    rest.push(cmd);
+                    if rest.len() == MAX_DRAIN {
+                        self.process(&mut heads, std::mem::take(&mut rest)).await?;
+                    }
+                }
+                if !rest.is_empty() {
+                    self.process(&mut heads, rest).await?;
+                }
+                self.store.flush().await?;
+                info!(offset = heads.offset, "writer stopped; store flushed");
+                return Ok(());
+            };
+            let mut drain = Vec::with_capacity(16);
+            drain.push(first);
+            while drain.len() < MAX_DRAIN {
+                match rx.try_recv() {
+                    Ok(cmd) => drain.push(cmd),
+                    Err(_) => break,
+                }
+            }
+            self.process(&mut heads, drain).await?;
+        }
+    }
+
+    /// Stages a drain, commits it, flushes (sync), publishes, answers.
+    async fn process(&self, heads: &mut Heads, drain: Vec<Command>) -> Result<(), WriterError> {
+        let now = now_ms();
+        let mut staged = Staged::new(&self.store, *heads, self.history, self.finished_ttl_ms);
+        let mut appends = Vec::new();
+        let mut deletes = Vec::new();
+        let mut expiries = Vec::new();
+        for cmd in drain {
+            match cmd {
+                Command::Append {
+                    job,
+                    changes,
+                    reply,
+                } => match staged.append(&job, changes, now)? {
+                    Ok((appended, count)) => appends.push((reply, appended, count)),
+                    Err(e) => {
+                        self.metrics.publish_rejected.fetch_add(1, Relaxed);
+                        let _ = reply.send(Err(e));
+                    }
+                },
+                Command::Delete { job, reply } => {
+                    let found = staged.delete(job.as_str(), now)?;
+                    deletes.push((reply, found));
+                }
+                Command::Expire { due, reply } => {
+                    for (at, what) in due {
+                        staged.expire(at, what, now)?;
+                    }
+                    expiries.push(reply);
+                }
+            }
+        }
+        if staged.changed {
+            let (mutation, notices, new_heads) = staged.finish();
+            self.store.commit(&mutation)?;
+            self.metrics.commits.fetch_add(1, Relaxed);
+            if self.durability == Durability::Sync {
+                self.store.flush().await?;
+                self.metrics.flushes.fetch_add(1, Relaxed);
+            }
+            *heads = new_heads;
+            // Visible before published: a subscriber that sees a notice can always read it.
+            self.visible.send_replace(heads.offset);
+            self.hub.publish(&notices);
+            let removed = notices
+                .iter()
+                .filter(|n| matches!(n, Notice::Removed { .. }))
+                .count();
+            self.metrics.jobs_removed.fetch_add(removed as u64, Relaxed);
+        }
+        for (reply, appended, count) in appends {
+            self.metrics.events_published.fetch_add(count, Relaxed);
+            self.metrics.publish_requests.fetch_add(1, Relaxed);
+            let _ = reply.send(Ok(appended));
+        }
+        for (reply, found) in deletes {
+            let _ = reply.send(Ok(found));
+        }
+        for reply in expiries {
+            let _ = reply.send(Ok(()));
+        }
+        Ok(())
+    }
+
+    /// Relaxed mode: make committed writes durable every `interval`.
+    async fn flush_every(self: Arc<Self>, interval: Duration) -> Result<(), WriterError> {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.stop.cancelled() => return Ok(()),
+            }
+            self.store.flush().await?;
+            self.metrics.flushes.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+use std::sync::atomic::Ordering::Relaxed;
+
+/// The state of one drain before it is committed: the job records it touched (as of the
+/// commands staged so far) and the writes it will make.
+struct Staged<'a> {
+    store: &'a Store,
+    heads: Heads,
+    history: u64,
+    ttl_ms: u64,
+    jobs: HashMap<String, (Option<JobRecord>, bool)>,
+    events: BTreeMap<(u64, u64), Option<Event>>,
+    log: BTreeMap<u64, Option<LogEntry>>,
+    expiry: Vec<((u64, Expiry), bool)>,
+    notices: Vec<Notice>,
+    changed: bool,
+}
+
+impl<'a> Staged<'a> {
+    fn new(store: &'a Store, heads: Heads, history: u64, ttl_ms: u64) -> Staged<'a> {
+        Staged {
+            store,
+            heads,
+            history,
+            ttl_ms,
+            jobs: HashMap::new(),
+            events: BTreeMap::new(),
+            log: BTreeMap::new(),
+            expiry: Vec::new(),
+            notices: Vec::new(),
+            changed: false,
+        }
+    }
+
+    /// The job as this drain sees it.
+    fn job(&mut self, job: &str) -> Result<Option<JobRecord>, StoreError> {
+        if let Some((rec, _)) = self.jobs.get(job) {
+            return Ok(rec.clone());
+        }
+        let rec = self.store.job(job)?;
+        self.jobs.insert(job.to_owned(), (rec.clone(), false));
+        Ok(rec)
+    }
+
+    fn put_job(&mut self, job: &str, rec: Option<JobRecord>) {
+        self.jobs.insert(job.to_owned(), (rec, true));
+        self.changed = true;
+    }
+
+    /// The inner result is the client's answer; the outer one a store failure.
+    #[allow(clippy::type_complexity)]
+    fn append(
+        &mut self,
+        job: &JobId,
+        changes: Vec<Change>,
+        now: u64,
+    ) -> Result<Result<(Appended, u64), WriteError>, StoreError> {
+        let current = self.job(job.as_str())?;
+        let finished = current.as_ref().is_some_and(JobRecord::is_finished);
+        // A terminal status anywhere but last would put updates after it: refuse the batch.
+        let ends_early = changes
+            .iter()
+            .rev()
+            .skip(1)
+            .any(|c| c.status.is_some_and(|s| s.is_terminal()));
+        if finished || ends_early || changes.is_empty() {
+            return Ok(Err(WriteError::JobFinished(job.to_string())));
+        }
+        let mut rec = match current {
+            Some(rec) => rec,
+            None => {
+                self.heads.num += 1;
+                JobRecord::new(self.heads.num, now)
+            }
+        };
+        let count = changes.len() as u64;
+        for change in changes {
+            self.heads.offset += 1;
+            let event = Event {
+                job: job.as_str().to_owned(),
+                seq: rec.seq + 1,
+                offset: self.heads.offset,
+                at_ms: now,
+                change,
+            };
+            rec.apply(&event);
+            self.log.insert(
+                event.offset,
+                Some(LogEntry::Event {
+                    job: event.job.clone(),
+                    num: rec.num,
+                    seq: event.seq,
+                }),
+            );
+            self.notices
+                .push(Notice::Event(Arc::new(EventMsg::new(&event, rec.num))));
+            self.events.insert((rec.num, event.seq), Some(event));
+        }
+        if let Some(finished_ms) = rec.finished_ms {
+            self.expiry
+                .push(((finished_ms + self.ttl_ms, Expiry::Job(job.to_string())), true));
+        }
+        self.trim(&mut rec)?;
+        let appended = Appended {
+            seq: rec.seq,
+            offset: rec.last_offset,
+        };
+        self.put_job(job.as_str(), Some(rec));
+        Ok(Ok((appended, count)))
+    }
+
+    /// Drops the oldest events beyond `history`, whether already stored or staged in this
+    /// drain (those are still delivered live; they are simply never stored).
+    fn trim(&mut self, rec: &mut JobRecord) -> Result<(), StoreError> {
+        let retained = rec.seq + 1 - rec.first_seq;
+        let excess = retained.saturating_sub(self.history);
+        if excess == 0 {
+            return Ok(());
+        }
+        let last_dropped = rec.first_seq + excess - 1;
+        let stored = self
+            .store
+            .events_after(rec.num, rec.first_seq - 1, excess as usize)?;
+        for ev in stored.into_iter().filter(|e| e.seq <= last_dropped) {
+            rec.dropped_offset = rec.dropped_offset.max(ev.offset);
+            self.events.insert((rec.num, ev.seq), None);
+            self.log.insert(ev.offset, None);
+        }
+        for seq in rec.first_seq..=last_dropped {
+            if let Some(Some(ev)) = self.events.remove(&(rec.num, seq)) {
+                rec.dropped_offset = rec.dropped_offset.max(ev.offset);
+                self.log.remove(&ev.offset);
+            }
+        }
+        rec.first_seq = last_dropped + 1;
+        Ok(())
+    }
+
+    /// Removes a job and its history, leaving a tombstone in the log. False if unknown.
+    fn delete(&mut self, job: &str, now: u64) -> Result<bool, StoreError> {
+        let Some(rec) = self.job(job)? else {
+            return Ok(false);
+        };
+        let staged: Vec<(u64, u64)> = self
+            .events
+            .range((rec.num, 0)..=(rec.num, u64::MAX))
+            .filter(|(_, ev)| ev.is_some())
+            .map(|(k, _)| *k)
+            .collect();
+        for key in staged {
+            if let Some(Some(ev)) = self.events.remove(&key) {
+                self.log.remove(&ev.offset);
+            }
+        }
+        for ev in self.store.events_after(rec.num, 0, usize::MAX)? {
+            self.events.insert((rec.num, ev.seq), None);
+            self.log.insert(ev.offset, None);
+        }
+        if let Some(finished_ms) = rec.finished_ms {
+            self.expiry
+                .push(((finished_ms + self.ttl_ms, Expiry::Job(job.to_owned())), false));
+        }
+        self.heads.offset += 1;
+        let offset = self.heads.offset;
+        self.log.insert(
+            offset,
+            Some(LogEntry::Removed {
+                job: job.to_owned(),
+            }),
+        );
+        self.expiry
+            .push(((now + self.ttl_ms, Expiry::Tombstone(offset)), true));
+        self.notices.push(Notice::Removed {
+            job: Arc::from(job),
+            offset,
+        });
+        self.put_job(job, None);
+        Ok(true)
+    }
+
+    fn expire(&mut self, due: u64, what: Expiry, now: u64) -> Result<(), StoreError> {
+        self.expiry.push(((due, what.clone()), false));
+        self.changed = true;
+        match what {
+            Expiry::Job(job) => {
+                // The job may have been deleted, or deleted and published again since.
+                let expired = self
+                    .job(&job)?
+                    .and_then(|rec| rec.finished_ms)
+                    .is_some_and(|f| f + self.ttl_ms <= now);
+                if expired {
+                    self.delete(&job, now)?;
+                }
+            }
+            Expiry::Tombstone(offset) => {
+                self.log.insert(offset, None);
+                self.heads.log_floor = self.heads.log_floor.max(offset);
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> (Mutation, Vec<Notice>, Heads) {
+        let mutation = Mutation {
+            jobs: self
+                .jobs
+                .into_iter()
+                .filter(|(_, (_, dirty))| *dirty)
+                .map(|(job, (rec, _))| (job, rec))
+                .collect(),
+            events: self.events.into_iter().collect(),
+            log: self.log.into_iter().collect(),
+            expiry: self.expiry,
+            heads: Some(self.heads),
+        };
+        (mutation, self.notices, self.heads)
+    }
+}

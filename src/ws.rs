@@ -1,0 +1,289 @@
+//! WebSocket: one session per socket, for one job (`/v1/jobs/{job}/ws`) or for many jobs
+//! subscribed by message (`/v1/ws`).
+//!
+//! A session is a tracked task (warp spawns the upgrade future itself; we wrap it with
+//! `Supervisor::track`). Each subscription of a session is a supervised subscription task with
+//! its own small channel; the session merges them in a `StreamMap` keyed by job, so
+//! unsubscribing (or subscribing again) drops that channel, which ends the old subscription
+//! and discards what it had queued.
+//!
+//! Close codes: 1000 after `end`/`deleted` on a per-job socket, 1001 at shutdown, 1003 for a
+//! binary frame, 1009 for a message over 64 KiB. Pings go out every keepalive interval; a
+//! client silent for two intervals is dropped.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamMap;
+use warp::filters::ws::{Message, WebSocket, Ws};
+use warp::reply::{Reply, Response};
+use warp::Filter;
+
+use crate::http::error::ApiError;
+use crate::http::{job_from_path, parse_u64, query_pairs, query_value, AppState};
+use crate::metrics::Transport;
+use crate::model::{to_json_line, JobId};
+use crate::subscription::{Frame, Start};
+
+/// Largest frame and message a client may send (contract: 64 KiB, else close 1009).
+pub const MAX_MESSAGE: usize = 64 * 1024;
+/// Frames buffered per subscription.
+const BUFFER: usize = 16;
+
+const NORMAL: u16 = 1000;
+const GOING_AWAY: u16 = 1001;
+const UNSUPPORTED: u16 = 1003;
+const TOO_BIG: u16 = 1009;
+
+#[derive(Debug, Error)]
+pub enum WsError {
+    #[error("websocket send: {0}")]
+    Send(#[source] warp::Error),
+}
+
+/// The upgrade, with the contract's size limits.
+pub fn upgrade() -> impl Filter<Extract = (Ws,), Error = warp::Rejection> + Clone {
+    warp::ws().map(|ws: Ws| ws.max_message_size(MAX_MESSAGE).max_frame_size(MAX_MESSAGE))
+}
+
+/// A per-job socket's parameters, checked before the handshake so that a bad `after` is a
+/// `400`, not a socket that closes at once.
+pub struct JobParams {
+    job: JobId,
+    resume: Option<u64>,
+    state: AppState,
+}
+
+pub async fn check_job(job: String, query: String, state: AppState) -> Result<JobParams, ApiError> {
+    let job = job_from_path(&job)?;
+    let pairs = query_pairs(&query);
+    let resume = match query_value(&pairs, "after") {
+        None => None,
+        Some(raw) => Some(
+            parse_u64(raw).ok_or_else(|| ApiError::InvalidLastEventId(raw.chars().take(64).collect()))?,
+        ),
+    };
+    Ok(JobParams { job, resume, state })
+}
+
+/// GET /v1/jobs/{job}/ws?after=N
+pub fn job_session(params: JobParams, ws: Ws) -> Response {
+    let supervisor = params.state.supervisor.clone();
+    ws.on_upgrade(move |socket| {
+        supervisor.track(
+            "ws-job",
+            Session::new(params.state, true).run(socket, Some((params.job, params.resume))),
+        )
+    })
+    .into_response()
+}
+
+/// GET /v1/ws
+pub fn many_session(state: AppState, ws: Ws) -> Response {
+    let supervisor = state.supervisor.clone();
+    ws.on_upgrade(move |socket| supervisor.track("ws-many", Session::new(state, false).run(socket, None)))
+        .into_response()
+}
+
+/// What a client of `/v1/ws` may send.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+enum ClientMessage {
+    Subscribe {
+        job: String,
+        #[serde(default)]
+        after: Option<serde_json::Value>,
+    },
+    Unsubscribe {
+        job: String,
+    },
+}
+
+struct Session {
+    state: AppState,
+    /// A per-job socket closes when its job ends or is deleted.
+    single: bool,
+    subs: StreamMap<String, ReceiverStream<Frame>>,
+}
+
+/// Why the loop stopped: a close frame to send, or nothing (the peer is gone).
+type Closing = Option<(u16, &'static str)>;
+
+impl Session {
+    fn new(state: AppState, single: bool) -> Session {
+        Session {
+            state,
+            single,
+            subs: StreamMap::new(),
+        }
+    }
+
+    async fn run(mut self, socket: WebSocket, job: Option<(JobId, Option<u64>)>) -> Result<(), WsError> {
+        let _guard = self.state.src.metrics.subscriber(Transport::Ws);
+        let (mut sink, mut stream) = socket.split();
+        let shutdown = self.state.supervisor.token().clone();
+        let keepalive = self.state.config.keepalive;
+        let mut ping = tokio::time::interval_at(Instant::now() + keepalive, keepalive);
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut last_heard = Instant::now();
+
+        if let Some((job, resume)) = job {
+            let text = match self.subscribe(job, resume) {
+                Ok(None) => None,
+                Ok(Some(end)) => Some(end),
+                Err(e) => Some(error_text(&e)),
+            };
+            if let Some(text) = text {
+                // Already over (or the store failed): say so, then close.
+                sink.send(Message::text(text)).await.map_err(WsError::Send)?;
+                let _ = sink.send(Message::close_with(NORMAL, "job finished")).await;
+                return Ok(());
+            }
+        }
+
+        let closing: Closing = loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break Some((GOING_AWAY, "server shutting down")),
+                Some((_, frame)) = self.subs.next() => {
+                    let ends = matches!(frame, Frame::End { .. } | Frame::Removed { .. });
+                    sink.send(Message::text(ws_text(frame))).await.map_err(WsError::Send)?;
+                    if ends && self.single {
+                        break Some((NORMAL, "job finished"));
+                    }
+                }
+                msg = stream.next() => match msg {
+                    None => break None,
+                    Some(Err(e)) => break too_big(&e).then_some((TOO_BIG, "message too big")),
+                    Some(Ok(msg)) => {
+                        last_heard = Instant::now();
+                        if msg.is_binary() {
+                            break Some((UNSUPPORTED, "binary frames are not accepted"));
+                        }
+                        if msg.is_close() {
+                            break None;
+                        }
+                        if let Ok(text) = msg.to_str() {
+                            for reply in self.on_text(text) {
+                                sink.send(Message::text(reply)).await.map_err(WsError::Send)?;
+                            }
+                        }
+                    }
+                },
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > keepalive * 2 {
+                        // Dead peer: nobody to say goodbye to.
+                        break None;
+                    }
+                    sink.send(Message::ping(Vec::new())).await.map_err(WsError::Send)?;
+                }
+            }
+        };
+        // Ending the streams ends their subscription tasks.
+        drop(self.subs);
+        if let Some((code, reason)) = closing {
+            let _ = sink.send(Message::close_with(code, reason)).await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+        Ok(())
+    }
+
+    /// A text message from the client; returns the frames that answer it, in order.
+    fn on_text(&mut self, text: &str) -> Vec<String> {
+        if self.single {
+            return vec![error_text(&ApiError::InvalidBody(
+                "this socket follows one job and takes no messages; use /v1/ws to subscribe".into(),
+            ))];
+        }
+        let msg = match serde_json::from_str::<ClientMessage>(text) {
+            Ok(msg) => msg,
+            Err(e) if e.is_syntax() || e.is_eof() => {
+                return vec![error_text(&ApiError::InvalidJson(e.to_string()))]
+            }
+            Err(e) => return vec![error_text(&ApiError::InvalidBody(e.to_string()))],
+        };
+        match msg {
+            ClientMessage::Subscribe { job, after } => {
+                let job = match JobId::parse(&job) {
+                    Ok(job) => job,
+                    Err(e) => return vec![error_text(&e.into())],
+                };
+                let resume = match after {
+                    None | Some(serde_json::Value::Null) => None,
+                    Some(v) => match v.as_u64() {
+                        Some(n) => Some(n),
+                        None => {
+                            return vec![error_text(&ApiError::InvalidLastEventId(v.to_string()))]
+                        }
+                    },
+                };
+                let subscribed =
+                    to_json_line(&serde_json::json!({"type": "subscribed", "job": job.as_str()}));
+                // `subscribed` goes out before any of the job's frames: those wait in the
+                // subscription's channel until the session loop reads them.
+                match self.subscribe(job, resume) {
+                    Ok(None) => vec![subscribed],
+                    Ok(Some(end)) => vec![subscribed, end],
+                    Err(e) => vec![error_text(&e)],
+                }
+            }
+            ClientMessage::Unsubscribe { job } => {
+                self.subs.remove(&job);
+                vec![to_json_line(&serde_json::json!({"type": "unsubscribed", "job": job}))]
+            }
+        }
+    }
+
+    /// Starts a subscription; if the job is already over for this resume point, returns the
+    /// `end` frame's text instead.
+    fn subscribe(&mut self, job: JobId, resume: Option<u64>) -> Result<Option<String>, ApiError> {
+        let src = self.state.src.clone();
+        let sub = match src.open_job(job.clone(), resume)? {
+            Start::Follow(sub) => sub,
+            Start::Finished(status) => {
+                self.subs.remove(job.as_str());
+                return Ok(Some(to_json_line(
+                    &serde_json::json!({"type": "end", "job": job.as_str(), "status": status}),
+                )));
+            }
+        };
+        let (tx, rx) = mpsc::channel(BUFFER);
+        self.subs.insert(job.to_string(), ReceiverStream::new(rx));
+        let token = self.state.supervisor.token().clone();
+        self.state
+            .supervisor
+            .spawn("ws-subscription", sub.run(src, tx, token));
+        Ok(None)
+    }
+}
+
+fn ws_text(frame: Frame) -> String {
+    match frame {
+        Frame::Snapshot { reset, json, .. } => {
+            let kind = if reset { "reset" } else { "snapshot" };
+            format!(r#"{{"type":"{kind}","job":{json}}}"#)
+        }
+        Frame::Event(e) => format!(r#"{{"type":"event","event":{}}}"#, e.json),
+        Frame::End { job, status } => {
+            to_json_line(&serde_json::json!({"type": "end", "job": &*job, "status": status}))
+        }
+        Frame::Removed { job, .. } => to_json_line(&serde_json::json!({"type": "deleted", "job": &*job})),
+        // Never produced for a WebSocket: its subscriptions are per job.
+        Frame::ResetAll { json, .. } => json,
+    }
+}
+
+fn error_text(e: &ApiError) -> String {
+    to_json_line(&serde_json::json!({"type": "error", "error": e.code(), "message": e.to_string()}))
+}
+
+/// Whether a read failed because the client's message was over our limit.
+fn too_big(e: &warp::Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<tungstenite::Error>())
+        .is_some_and(|e| matches!(e, tungstenite::Error::Capacity(_)))
+}
