@@ -63,6 +63,41 @@ pub enum RunError {
     Listener(#[source] std::io::Error),
 }
 
+/// Opens the store and starts the writer and retention under `supervisor`: the daemon
+/// without its HTTP face. `writer_stop` ends the writer once its queue is drained.
+pub fn open(
+    config: &Config,
+    supervisor: &Supervisor,
+    writer_stop: CancellationToken,
+) -> Result<Source, RunError> {
+    let store = Store::open(&config.data_dir, config.cache_bytes)?;
+    let hub = Hub::new(config.job_channel, config.all_channel);
+    let writer = writer::start(
+        store.clone(),
+        Arc::clone(&hub),
+        config,
+        supervisor,
+        writer_stop,
+    )?;
+    {
+        let (store, writer, every, token) = (
+            store.clone(),
+            writer.clone(),
+            config.gc_interval,
+            supervisor.token().clone(),
+        );
+        supervisor.service("retention", move || {
+            retention::run(store.clone(), writer.clone(), every, token.clone())
+        });
+    }
+    Ok(Source {
+        store,
+        hub,
+        writer,
+        metrics: Arc::clone(supervisor.metrics()),
+    })
+}
+
 /// Runs the daemon on `listener` until `shutdown` is cancelled, then drains within
 /// `config.shutdown_timeout` and flushes the store.
 pub async fn run(
@@ -76,37 +111,14 @@ pub async fn run(
 
     // Until `serve` below, connections wait in the kernel's accept queue: nobody is told
     // "unavailable" while we recover.
-    let store = Store::open(&config.data_dir, config.cache_bytes)?;
-    let hub = Hub::new(config.job_channel, config.all_channel);
     // The writer outlives the HTTP server's drain so in-flight publishes are answered.
     let writer_stop = CancellationToken::new();
-    let writer = writer::start(
-        store.clone(),
-        Arc::clone(&hub),
-        &config,
-        &supervisor,
-        writer_stop.clone(),
-    )?;
-    {
-        let (store, writer, every, token) = (
-            store.clone(),
-            writer.clone(),
-            config.gc_interval,
-            shutdown.clone(),
-        );
-        supervisor.service("retention", move || {
-            retention::run(store.clone(), writer.clone(), every, token.clone())
-        });
-    }
+    let src = open(&config, &supervisor, writer_stop.clone())?;
+    let store = src.store.clone();
 
     let config = Arc::new(config);
     let state = http::AppState {
-        src: Source {
-            store: store.clone(),
-            hub,
-            writer,
-            metrics,
-        },
+        src,
         config: Arc::clone(&config),
         supervisor: supervisor.clone(),
     };
