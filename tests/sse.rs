@@ -245,7 +245,14 @@ async fn a_slow_subscriber_gets_everything_and_does_not_delay_a_fast_one() {
     assert_eq!(fast.expect().await.event, "snapshot");
     let mut i = 2;
     while i <= TOTAL {
-        let batch: Vec<Value> = (i..(i + 100).min(TOTAL + 1)).map(step).collect();
+        // Padded events, so the backlog is far larger than the socket buffers can hide.
+        let batch: Vec<Value> = (i..(i + 100).min(TOTAL + 1))
+            .map(|n| {
+                let mut e = step(n);
+                e["message"] = json!("x".repeat(600));
+                e
+            })
+            .collect();
         i += batch.len() as u64;
         d.publish_ok("j", Value::Array(batch)).await;
     }
