@@ -138,16 +138,18 @@ pub async fn run(
     );
 
     tokio::pin!(server);
-    tokio::select! {
-        () = &mut server => {}
-        () = shutdown.cancelled() => {}
-    }
+    // The server future ends by itself once the token is cancelled and its connections are
+    // gone, possibly before we notice the token: never poll it again after that.
+    let drained = tokio::select! {
+        () = &mut server => true,
+        () = shutdown.cancelled() => false,
+    };
     let deadline = Instant::now() + config.shutdown_timeout;
     supervisor.health().set_started(false);
     info!(grace = ?config.shutdown_timeout, "shutting down: ending streams, draining connections");
     // Streams end on the token; warp then waits for every open connection, with no limit of
     // its own.
-    if tokio::time::timeout_at(deadline, &mut server).await.is_err() {
+    if !drained && tokio::time::timeout_at(deadline, &mut server).await.is_err() {
         warn!("connections still open at the end of the grace period; closing them");
     }
     writer_stop.cancel();

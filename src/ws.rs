@@ -130,7 +130,8 @@ impl Session {
         let keepalive = self.state.config.keepalive;
         let mut ping = tokio::time::interval_at(Instant::now() + keepalive, keepalive);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut last_heard = Instant::now();
+        // When the oldest ping still unanswered went out.
+        let mut unanswered: Option<Instant> = None;
 
         if let Some((job, resume)) = job {
             let text = match self.subscribe(job, resume) {
@@ -160,7 +161,7 @@ impl Session {
                     None => break None,
                     Some(Err(e)) => break too_big(&e).then_some((TOO_BIG, "message too big")),
                     Some(Ok(msg)) => {
-                        last_heard = Instant::now();
+                        unanswered = None;
                         if msg.is_binary() {
                             break Some((UNSUPPORTED, "binary frames are not accepted"));
                         }
@@ -175,10 +176,11 @@ impl Session {
                     }
                 },
                 _ = ping.tick() => {
-                    if last_heard.elapsed() > keepalive * 2 {
+                    if unanswered.is_some_and(|t| t.elapsed() >= keepalive * 2) {
                         // Dead peer: nobody to say goodbye to.
                         break None;
                     }
+                    unanswered.get_or_insert_with(Instant::now);
                     sink.send(Message::ping(Vec::new())).await.map_err(WsError::Send)?;
                 }
             }
