@@ -9,7 +9,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 
 #[derive(Debug, Parser)]
-#[command(name = "progressd", version, about = "Durable job progress: publish over HTTP, watch live over SSE and WebSocket.")]
+#[command(
+    name = "progressd",
+    version,
+    about = "Durable job progress: publish over HTTP, watch live over SSE and WebSocket."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -65,7 +69,7 @@ pub struct ServeArgs {
     #[arg(long, env = "PROGRESSD_MAX_DATA", default_value_t = 16 * 1024)]
     pub max_data: usize,
     /// Largest request body, in bytes (chunked bodies included).
-    #[arg(long, env = "PROGRESSD_MAX_BODY", default_value_t = 1024 * 1024)]
+    #[arg(long, env = "PROGRESSD_MAX_BODY", default_value_t = 64 * 1024)]
     pub max_body: usize,
     /// Grace period for shutdown; past it the daemon warns and exits anyway.
     #[arg(long, env = "PROGRESSD_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -126,7 +130,7 @@ impl Config {
             keepalive: Duration::from_secs(15),
             retry: Duration::from_secs(2),
             max_data: 16 * 1024,
-            max_body: 1024 * 1024,
+            max_body: 64 * 1024,
             shutdown_timeout: Duration::from_secs(10),
             cache_bytes: 64 * 1024 * 1024,
             gc_interval: Duration::from_secs(1),
@@ -171,7 +175,8 @@ impl TryFrom<ServeArgs> for Config {
                 })
                 .unwrap_or_else(|| PathBuf::from("progressd-data"))
         });
-        let gc_interval = (a.finished_ttl / 10).clamp(Duration::from_millis(50), Duration::from_secs(60));
+        let gc_interval =
+            (a.finished_ttl / 10).clamp(Duration::from_millis(50), Duration::from_secs(60));
         Ok(Config {
             listen,
             data_dir,
@@ -196,7 +201,8 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Config, String> {
-        let cli = Cli::try_parse_from(["progressd", "serve"].iter().chain(args)).map_err(|e| e.to_string())?;
+        let cli = Cli::try_parse_from(["progressd", "serve"].iter().chain(args))
+            .map_err(|e| e.to_string())?;
         let Command::Serve(a) = cli.command;
         Config::try_from(a).map_err(|e| e.to_string())
     }
@@ -217,11 +223,21 @@ mod tests {
 
     #[test]
     fn durations_and_bad_values() {
-        let c = parse(&["--data-dir", "x", "--keepalive", "500ms", "--finished-ttl", "2h"]).unwrap();
+        let c = parse(&[
+            "--data-dir",
+            "x",
+            "--keepalive",
+            "500ms",
+            "--finished-ttl",
+            "2h",
+        ])
+        .unwrap();
         assert_eq!(c.keepalive, Duration::from_millis(500));
         assert_eq!(c.finished_ttl, Duration::from_secs(7200));
         assert!(parse(&["--history", "0"]).unwrap_err().contains("history"));
-        assert!(parse(&["--listen", "nope"]).unwrap_err().contains("host:port"));
+        assert!(parse(&["--listen", "nope"])
+            .unwrap_err()
+            .contains("host:port"));
         assert!(parse(&["--keepalive", "soon"]).is_err());
     }
 }

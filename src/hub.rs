@@ -47,8 +47,13 @@ impl EventMsg {
 #[derive(Clone, Debug)]
 pub enum Notice {
     Event(Arc<EventMsg>),
-    /// The job was deleted (or expired); `offset` is the log entry of its removal.
-    Removed { job: Arc<str>, offset: u64 },
+    /// Incarnation `num` of the job was deleted (or expired); `offset` is the log entry of
+    /// its removal.
+    Removed {
+        job: Arc<str>,
+        num: u64,
+        offset: u64,
+    },
 }
 
 impl Notice {

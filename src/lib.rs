@@ -149,7 +149,11 @@ pub async fn run(
     info!(grace = ?config.shutdown_timeout, "shutting down: ending streams, draining connections");
     // Streams end on the token; warp then waits for every open connection, with no limit of
     // its own.
-    if !drained && tokio::time::timeout_at(deadline, &mut server).await.is_err() {
+    if !drained
+        && tokio::time::timeout_at(deadline, &mut server)
+            .await
+            .is_err()
+    {
         warn!("connections still open at the end of the grace period; closing them");
     }
     writer_stop.cancel();

@@ -28,7 +28,10 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     init_tracing(log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             error!(error = %e, "cannot start the async runtime");
@@ -88,8 +91,8 @@ async fn shutdown_signal() {
 /// Logs to stderr. Under journald (or any non-terminal) no colours and no timestamps of our
 /// own; `--log-format json` for shippers; `RUST_LOG` overrides the levels.
 fn init_tracing(format: Option<LogFormat>) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("progressd=info,warn"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("progressd=info,warn"));
     let plain = !std::io::stderr().is_terminal() || std::env::var_os("JOURNAL_STREAM").is_some();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -123,7 +123,9 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<serde_json::Value>,
 /// Why an update was refused; rendered as `400 invalid_body`.
 #[derive(Debug, Error, PartialEq)]
 pub enum InvalidUpdate {
-    #[error("an update must set at least one of status, percent, current, total, stage, message, data")]
+    #[error(
+        "an update must set at least one of status, percent, current, total, stage, message, data"
+    )]
     Empty,
     #[error("percent must be a number from 0 to 100, got {0}")]
     Percent(f64),
@@ -189,11 +191,18 @@ impl Update {
         let data = match data {
             None => None,
             Some(value) => {
-                let raw = serde_json::value::to_raw_value(&value)
-                    .map_err(|_| InvalidUpdate::DataTooLarge { size: usize::MAX, limit: max_data })?;
+                let raw = serde_json::value::to_raw_value(&value).map_err(|_| {
+                    InvalidUpdate::DataTooLarge {
+                        size: usize::MAX,
+                        limit: max_data,
+                    }
+                })?;
                 let size = raw.get().len();
                 if size > max_data {
-                    return Err(InvalidUpdate::DataTooLarge { size, limit: max_data });
+                    return Err(InvalidUpdate::DataTooLarge {
+                        size,
+                        limit: max_data,
+                    });
                 }
                 Some(raw)
             }
@@ -466,7 +475,9 @@ mod tests {
     fn percent_is_derived_unless_given() {
         let c = update(r#"{"current":1,"total":4}"#).validate(100).unwrap();
         assert_eq!(c.percent, Some(25.0));
-        let c = update(r#"{"current":1,"total":4,"percent":90}"#).validate(100).unwrap();
+        let c = update(r#"{"current":1,"total":4,"percent":90}"#)
+            .validate(100)
+            .unwrap();
         assert_eq!(c.percent, Some(90.0));
         let c = update(r#"{"current":1,"total":0}"#).validate(100).unwrap();
         assert_eq!(c.percent, None);
@@ -476,7 +487,10 @@ mod tests {
     fn data_null_is_a_value() {
         let c = update(r#"{"data":null}"#).validate(100).unwrap();
         assert_eq!(c.data.as_deref().map(RawValue::get), Some("null"));
-        assert!(matches!(update("{}").validate(100), Err(InvalidUpdate::Empty)));
+        assert!(matches!(
+            update("{}").validate(100),
+            Err(InvalidUpdate::Empty)
+        ));
     }
 
     #[test]
@@ -501,7 +515,10 @@ mod tests {
     fn unknown_fields_name_the_allowed_ones() {
         let err = serde_json::from_str::<Update>(r#"{"precent":5}"#).unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("precent") && text.contains("percent"), "{text}");
+        assert!(
+            text.contains("precent") && text.contains("percent"),
+            "{text}"
+        );
     }
 
     #[test]

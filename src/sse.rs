@@ -45,7 +45,7 @@ pub async fn job_stream(
     let resume = resume_point(last_event_id.as_deref(), query_value(&pairs, "after"))?;
     let sub = match state.src.open_job(job, resume)? {
         // Nothing more will ever come: 204 makes EventSource stop reconnecting.
-        Start::Finished(_) => return Ok(StatusCode::NO_CONTENT.into_response()),
+        Start::Finished(_) | Start::Gone => return Ok(StatusCode::NO_CONTENT.into_response()),
         Start::Follow(sub) => sub,
     };
     let (tx, rx) = mpsc::channel(BUFFER);
@@ -126,9 +126,18 @@ fn sse_event(frame: Frame, ids: Ids) -> Event {
                 Ids::Offset => e.offset.to_string(),
             })
             .data(e.json.clone()),
-        Frame::End { job, status } => Event::default()
-            .event("end")
-            .data(to_json_line(&serde_json::json!({"job": &*job, "status": status}))),
+        Frame::End { job, status } => Event::default().event("end").data(to_json_line(
+            &serde_json::json!({"job": &*job, "status": status}),
+        )),
+        Frame::Failed { job } => {
+            Event::default()
+                .event("error")
+                .data(to_json_line(&serde_json::json!({
+                    "error": "unavailable",
+                    "message": "the subscription failed; reconnect to resume",
+                    "job": job.as_deref(),
+                })))
+        }
         Frame::Removed { job, offset } => {
             let event = Event::default()
                 .event("deleted")

@@ -56,13 +56,13 @@ impl StoreError {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum LogEntry {
     Event { job: String, num: u64, seq: u64 },
-    Removed { job: String },
+    Removed { job: String, num: u64 },
 }
 
 impl LogEntry {
     pub fn job(&self) -> &str {
         match self {
-            LogEntry::Event { job, .. } | LogEntry::Removed { job } => job,
+            LogEntry::Event { job, .. } | LogEntry::Removed { job, .. } => job,
         }
     }
 }
@@ -206,7 +206,12 @@ impl Store {
     }
 
     /// Up to `limit` retained events of job incarnation `num` with seq > `after`, in order.
-    pub fn events_after(&self, num: u64, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
+    pub fn events_after(
+        &self,
+        num: u64,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError> {
         let start = codec::event_key(num, after.saturating_add(1));
         let end = codec::event_key(num, u64::MAX);
         self.events
@@ -291,7 +296,13 @@ impl Store {
             meta.insert(META_NUM, &codec::u64_key(h.num));
             meta.insert(META_LOG_FLOOR, &codec::u64_key(h.log_floor));
         }
-        (&self.jobs, &self.events, &self.log, &self.expiry, &self.meta)
+        (
+            &self.jobs,
+            &self.events,
+            &self.log,
+            &self.expiry,
+            &self.meta,
+        )
             .transaction(|(tj, te, tl, tx, tm)| {
                 tj.apply_batch(&jobs)?;
                 te.apply_batch(&events)?;

@@ -55,12 +55,25 @@ pub enum Frame {
         json: String,
     },
     /// The reset of a multi-job stream: `{"jobs":[...]}` of every matching job, at `offset`.
-    ResetAll { offset: u64, json: String },
+    ResetAll {
+        offset: u64,
+        json: String,
+    },
     Event(Arc<EventMsg>),
     /// The job reached a terminal status; nothing follows for it.
-    End { job: Arc<str>, status: Status },
+    End {
+        job: Arc<str>,
+        status: Status,
+    },
     /// The job was deleted or expired. `offset` is its log entry (0 when not known).
-    Removed { job: Arc<str>, offset: u64 },
+    Removed {
+        job: Arc<str>,
+        offset: u64,
+    },
+    /// The subscription failed (the store could not be read); the client should resume.
+    Failed {
+        job: Option<Arc<str>>,
+    },
 }
 
 impl Frame {
@@ -101,10 +114,13 @@ enum Flow {
 
 /// How a per-job subscription starts.
 pub enum Start {
-    /// The resume point is at or past the end of a finished job: nothing will ever come
-    /// (SSE answers 204 so EventSource stops reconnecting).
+    /// The resume point is the end of a finished job: nothing will ever come (SSE answers
+    /// 204 so EventSource stops reconnecting).
     Finished(Status),
-    Follow(JobSubscription),
+    /// A resume point into a job that does not exist (any more): it was deleted or expired,
+    /// so nothing will come either.
+    Gone,
+    Follow(Box<JobSubscription>),
 }
 
 impl Source {
@@ -120,14 +136,22 @@ impl Source {
     /// Subscribes to one job from `resume` (a seq), or from its snapshot.
     pub fn open_job(&self, job: JobId, resume: Option<u64>) -> Result<Start, SubscriptionError> {
         let rx = self.hub.subscribe_job(job.as_str());
-        if let Some(n) = resume {
-            if let Some(rec) = self.store.job(job.as_str())? {
-                if rec.is_finished() && n >= rec.seq {
-                    return Ok(Start::Finished(rec.status));
-                }
+        let initial = self.store.job(job.as_str())?;
+        match (resume, initial) {
+            // Past the end is not "finished" but a reset (the id may have been reused).
+            (Some(n), Some(rec)) if rec.is_finished() && n == rec.seq => {
+                Ok(Start::Finished(rec.status))
             }
+            // A client resuming a job it saw that no longer exists. (`after=0` is "from the
+            // start", for a job not published yet.)
+            (Some(n), None) if n > 0 => Ok(Start::Gone),
+            (resume, initial) => Ok(Start::Follow(Box::new(JobSubscription {
+                rx,
+                job,
+                resume,
+                initial,
+            }))),
         }
-        Ok(Start::Follow(JobSubscription { rx, job, resume }))
     }
 
     /// Subscribes to the jobs `filter` matches from `resume` (an offset), or from now.
@@ -148,10 +172,23 @@ struct Position {
     num: Option<u64>,
 }
 
+impl Position {
+    fn at(rec: &JobRecord, last: u64) -> Position {
+        Position {
+            last,
+            num: Some(rec.num),
+        }
+    }
+}
+
 pub struct JobSubscription {
     rx: JobReceiver,
     job: JobId,
     resume: Option<u64>,
+    /// The job as it was when we subscribed: what "fresh subscribe" and "resume point"
+    /// are judged against, so an event published after the subscription is delivered as an
+    /// event, not folded into a snapshot.
+    initial: Option<JobRecord>,
 }
 
 impl JobSubscription {
@@ -162,22 +199,29 @@ impl JobSubscription {
         out: mpsc::Sender<Frame>,
         cancel: CancellationToken,
     ) -> Result<(), SubscriptionError> {
-        tokio::select! {
+        let job: Arc<str> = Arc::from(self.job.as_str());
+        let result = tokio::select! {
             r = self.follow(&src, Out(&out)) => r,
             () = cancel.cancelled() => Ok(()),
             () = out.closed() => Ok(()),
+        };
+        if result.is_err() {
+            // Best effort: a client that is not reading will see the stream end instead.
+            let _ = out.try_send(Frame::Failed { job: Some(job) });
         }
+        result
     }
 
     async fn follow(mut self, src: &Source, out: Out<'_>) -> Result<(), SubscriptionError> {
         let job = self.job.as_str();
         let mut pos = Position { last: 0, num: None };
-        match (self.resume, src.visible_job(job).await?) {
+        let initial = self.initial.take();
+        if let Some(rec) = &initial {
+            src.writer.wait_visible(rec.last_offset).await?;
+        }
+        match (self.resume, initial) {
             (None, Some(rec)) => {
-                pos = Position {
-                    last: rec.seq,
-                    num: Some(rec.num),
-                };
+                pos = Position::at(&rec, rec.seq);
                 if !out.send(Frame::snapshot(false, job, &rec)).await {
                     return Ok(());
                 }
@@ -186,14 +230,12 @@ impl JobSubscription {
                     return Ok(());
                 }
             }
-            // Not published yet (or deleted): its events will be delivered from seq 1.
+            // Not published yet: its events will be delivered from seq 1. (A resume point
+            // into a job that is gone was answered by `open_job`.)
             (_, None) => {}
             (Some(n), Some(rec)) if n > rec.seq || n + 1 < rec.first_seq => {
                 src.metrics.resets.fetch_add(1, Relaxed);
-                pos = Position {
-                    last: rec.seq,
-                    num: Some(rec.num),
-                };
+                pos = Position::at(&rec, rec.seq);
                 if !out.send(Frame::snapshot(true, job, &rec)).await {
                     return Ok(());
                 }
@@ -207,10 +249,7 @@ impl JobSubscription {
                     out.send(end(job, rec.status)).await;
                     return Ok(());
                 }
-                pos = Position {
-                    last: n,
-                    num: Some(rec.num),
-                };
+                pos = Position::at(&rec, n);
             }
         }
         if self.catch_up(src, &out, &mut pos).await? == Flow::Done {
@@ -231,7 +270,9 @@ impl JobSubscription {
                         deliver(&out, e).await
                     }
                 }
-                Ok(Notice::Removed { job, offset }) => {
+                // The removal of an earlier incarnation than the one we follow is old news.
+                Ok(Notice::Removed { num, .. }) if pos.num.is_some_and(|n| n > num) => continue,
+                Ok(Notice::Removed { job, offset, .. }) => {
                     out.send(Frame::Removed { job, offset }).await;
                     Flow::Done
                 }
@@ -290,7 +331,14 @@ impl JobSubscription {
             }
             let events = src.store.events_after(rec.num, pos.last, PAGE)?;
             let full = events.len() == PAGE;
+            let mut gap = false;
             for ev in events {
+                if ev.seq != pos.last + 1 {
+                    // Retention dropped the next one after we read the record: read it again
+                    // (the branch above will say reset).
+                    gap = true;
+                    break;
+                }
                 if ev.offset > visible {
                     // Not durable yet: it will come live.
                     return Ok(Flow::Continue);
@@ -300,7 +348,7 @@ impl JobSubscription {
                     return Ok(Flow::Done);
                 }
             }
-            if !full {
+            if !full && !gap {
                 return Ok(Flow::Continue);
             }
         }
@@ -373,11 +421,15 @@ impl ManySubscription {
         out: mpsc::Sender<Frame>,
         cancel: CancellationToken,
     ) -> Result<(), SubscriptionError> {
-        tokio::select! {
+        let result = tokio::select! {
             r = self.follow(&src, Out(&out)) => r,
             () = cancel.cancelled() => Ok(()),
             () = out.closed() => Ok(()),
+        };
+        if result.is_err() {
+            let _ = out.try_send(Frame::Failed { job: None });
         }
+        result
     }
 
     async fn follow(mut self, src: &Source, out: Out<'_>) -> Result<(), SubscriptionError> {
@@ -411,7 +463,7 @@ impl ManySubscription {
                     }
                     let frame = match notice {
                         Notice::Event(e) => Frame::Event(e),
-                        Notice::Removed { job, offset } => Frame::Removed { job, offset },
+                        Notice::Removed { job, offset, .. } => Frame::Removed { job, offset },
                     };
                     if !out.send(frame).await {
                         return Ok(());
@@ -439,12 +491,17 @@ impl ManySubscription {
     }
 
     /// Sends a `reset` with the snapshots of every matching job; returns its offset.
+    ///
+    /// The snapshots and the offset must be one consistent cut (an event committed between
+    /// reading the records and reading the head would be in neither), so they are read at a
+    /// quiet point of the writer.
     async fn reset(&self, src: &Source, out: &Out<'_>) -> Result<u64, SubscriptionError> {
         src.metrics.resets.fetch_add(1, Relaxed);
-        let records = self.filter.records(&src.store)?;
-        let newest = records.iter().map(|(_, r)| r.last_offset).max().unwrap_or(0);
-        src.writer.wait_visible(newest).await?;
-        let offset = src.writer.visible();
+        let (filter, store) = (self.filter.clone(), src.store.clone());
+        let (offset, records) = src
+            .writer
+            .at_quiet_point(move |head| filter.records(&store).map(|r| (head, r)))
+            .await??;
         #[derive(serde::Serialize)]
         struct Reset<'a> {
             jobs: Vec<crate::model::SnapshotView<'a>>,
@@ -457,24 +514,38 @@ impl ManySubscription {
     }
 
     /// Replays the log from `last` up to the visible watermark.
+    ///
+    /// Offsets with no log entry were dropped by retention (or are expired tombstones). When
+    /// a page has such a hole, check whether it was something we carry: if so, reset rather
+    /// than skip it.
     async fn catch_up(
         &self,
         src: &Source,
         out: &Out<'_>,
         last: &mut u64,
     ) -> Result<(), SubscriptionError> {
-        if self.lost_after(src, *last)? {
-            *last = self.reset(src, out).await?;
-            return Ok(());
-        }
         loop {
             let visible = src.writer.visible();
-            let entries = src.store.log_after(*last, PAGE)?;
+            let from = *last;
+            let entries: Vec<(u64, LogEntry)> = src
+                .store
+                .log_after(from, PAGE)?
+                .into_iter()
+                .take_while(|(offset, _)| *offset <= visible)
+                .collect();
             let full = entries.len() == PAGE;
+            let mut expected = from + 1;
+            let mut hole = false;
+            for (offset, _) in &entries {
+                hole |= *offset != expected;
+                expected = offset + 1;
+            }
+            hole |= !full && expected <= visible;
+            if hole && self.lost_after(src, from)? {
+                *last = self.reset(src, out).await?;
+                return Ok(());
+            }
             for (offset, entry) in entries {
-                if offset > visible {
-                    return Ok(());
-                }
                 if self.filter.matches(entry.job()) {
                     let frame = match entry {
                         LogEntry::Event { num, seq, .. } => match src.store.event(num, seq)? {
@@ -485,7 +556,7 @@ impl ManySubscription {
                                 return Ok(());
                             }
                         },
-                        LogEntry::Removed { job } => Frame::Removed {
+                        LogEntry::Removed { job, .. } => Frame::Removed {
                             job: Arc::from(job),
                             offset,
                         },
@@ -497,8 +568,6 @@ impl ManySubscription {
                 *last = offset;
             }
             if !full {
-                // Offsets up to the watermark with no entry were dropped by retention
-                // (checked above) or belong to nothing we carry.
                 *last = (*last).max(visible);
                 return Ok(());
             }

@@ -104,7 +104,11 @@ impl Supervisor {
 
     /// Wraps a future that someone else spawns (warp's WebSocket upgrade) so that it is
     /// tracked, named and its failure counted like any other task.
-    pub fn track<F, E>(&self, name: &'static str, fut: F) -> impl Future<Output = ()> + Send + 'static
+    pub fn track<F, E>(
+        &self,
+        name: &'static str,
+        fut: F,
+    ) -> impl Future<Output = ()> + Send + 'static
     where
         F: Future<Output = Result<(), E>> + Send + 'static,
         E: Display + Send + 'static,
@@ -151,7 +155,8 @@ impl Supervisor {
                 if failures >= FAILURES_BEFORE_UNREADY {
                     health.set_failing(name, true);
                 }
-                let backoff = Duration::from_millis(100 * 2u64.pow(failures.min(7))).min(Duration::from_secs(10));
+                let backoff = Duration::from_millis(100 * 2u64.pow(failures.min(7)))
+                    .min(Duration::from_secs(10));
                 warn!(task = name, failures, ?backoff, "restarting service");
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
@@ -258,7 +263,10 @@ mod tests {
         assert_eq!(metrics.task_failures("panicky"), 1);
         assert_eq!(metrics.task_failures("fine"), 0);
         let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
-        assert!(text.contains("task=\"doomed\"") || text.contains("task=doomed"), "{text}");
+        assert!(
+            text.contains("task=\"doomed\"") || text.contains("task=doomed"),
+            "{text}"
+        );
         assert!(text.contains("disk on fire"), "{text}");
         assert!(text.contains("boom"), "{text}");
         let rendered = metrics.render(&crate::metrics::StoreGauges {

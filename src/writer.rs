@@ -33,8 +33,11 @@ use crate::supervisor::Supervisor;
 
 /// Commands taken in one drain, at most.
 const MAX_DRAIN: usize = 1024;
-/// Pending commands before publishers wait for room.
-const QUEUE: usize = 8192;
+/// Events taken in one drain before it is closed (bounds one transaction's size).
+const MAX_DRAIN_EVENTS: usize = 16 * 1024;
+/// Pending commands before publishers wait for room. With `--max-body` this bounds the
+/// memory a flood of publishes can hold.
+const QUEUE: usize = 1024;
 
 /// The answer to an append: seq and offset of its last event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,6 +74,18 @@ enum Command {
         due: Vec<(u64, Expiry)>,
         reply: oneshot::Sender<Result<(), WriteError>>,
     },
+    /// Runs between drains, when everything committed is visible and nothing is in flight:
+    /// a consistent cut of the store at the given head offset.
+    Quiet(Box<dyn FnOnce(u64) + Send>),
+}
+
+impl Command {
+    fn events(&self) -> usize {
+        match self {
+            Command::Append { changes, .. } => changes.len(),
+            Command::Delete { .. } | Command::Expire { .. } | Command::Quiet(_) => 1,
+        }
+    }
 }
 
 /// The handle everyone else holds: cheap to clone.
@@ -99,6 +114,21 @@ impl Writer {
     /// Carries out the expiries retention found due.
     pub async fn expire(&self, due: Vec<(u64, Expiry)>) -> Result<(), WriteError> {
         self.call(|reply| Command::Expire { due, reply }).await?
+    }
+
+    /// Runs `read` at a quiet point of the writer, with the head offset: everything at or
+    /// below it is visible, nothing above it exists. For reads that must be a consistent cut
+    /// across many keys (sled has no snapshots).
+    pub async fn at_quiet_point<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(u64) -> T + Send + 'static,
+    ) -> Result<T, WriteError> {
+        self.call(|reply| {
+            Command::Quiet(Box::new(move |head| {
+                let _ = reply.send(read(head));
+            }))
+        })
+        .await
     }
 
     async fn call<T>(
@@ -181,6 +211,15 @@ impl Core {
         let mut rx = self.rx.lock().await;
         // Reload the heads on every (re)start: after a failed commit the store is the truth.
         let mut heads = self.store.heads()?;
+        // A previous run may have committed a drain and failed to flush it: make it durable
+        // now, then show and publish it, so readers waiting for it are not left hanging.
+        self.store.flush().await?;
+        let shown = *self.visible.borrow();
+        if heads.offset > shown {
+            let notices = self.notices_between(shown, heads.offset)?;
+            self.visible.send_replace(heads.offset);
+            self.hub.publish(&notices);
+        }
         debug!(offset = heads.offset, "writer started");
         loop {
             let first = tokio::select! {
@@ -204,11 +243,15 @@ impl Core {
                 info!(offset = heads.offset, "writer stopped; store flushed");
                 return Ok(());
             };
+            let mut events = first.events();
             let mut drain = Vec::with_capacity(16);
             drain.push(first);
-            while drain.len() < MAX_DRAIN {
+            while drain.len() < MAX_DRAIN && events < MAX_DRAIN_EVENTS {
                 match rx.try_recv() {
-                    Ok(cmd) => drain.push(cmd),
+                    Ok(cmd) => {
+                        events += cmd.events();
+                        drain.push(cmd);
+                    }
                     Err(_) => break,
                 }
             }
@@ -223,6 +266,7 @@ impl Core {
         let mut appends = Vec::new();
         let mut deletes = Vec::new();
         let mut expiries = Vec::new();
+        let mut quiet = Vec::new();
         for cmd in drain {
             match cmd {
                 Command::Append {
@@ -246,6 +290,7 @@ impl Core {
                     }
                     expiries.push(reply);
                 }
+                Command::Quiet(read) => quiet.push(read),
             }
         }
         if staged.changed {
@@ -277,7 +322,41 @@ impl Core {
         for reply in expiries {
             let _ = reply.send(Ok(()));
         }
+        for read in quiet {
+            read(heads.offset);
+        }
         Ok(())
+    }
+
+    /// The notices of log entries in (`from`, `to`], rebuilt from the store.
+    fn notices_between(&self, from: u64, to: u64) -> Result<Vec<Notice>, StoreError> {
+        let mut notices = Vec::new();
+        let mut last = from;
+        while last < to {
+            let entries = self.store.log_after(last, 1024)?;
+            if entries.is_empty() {
+                break;
+            }
+            for (offset, entry) in entries {
+                if offset > to {
+                    return Ok(notices);
+                }
+                last = offset;
+                match entry {
+                    LogEntry::Event { num, seq, .. } => {
+                        if let Some(ev) = self.store.event(num, seq)? {
+                            notices.push(Notice::Event(Arc::new(EventMsg::new(&ev, num))));
+                        }
+                    }
+                    LogEntry::Removed { job, num } => notices.push(Notice::Removed {
+                        job: Arc::from(job.as_str()),
+                        num,
+                        offset,
+                    }),
+                }
+            }
+        }
+        Ok(notices)
     }
 
     /// Relaxed mode: make committed writes durable every `interval`.
@@ -393,8 +472,10 @@ impl<'a> Staged<'a> {
             self.events.insert((rec.num, event.seq), Some(event));
         }
         if let Some(finished_ms) = rec.finished_ms {
-            self.expiry
-                .push(((finished_ms + self.ttl_ms, Expiry::Job(job.to_string())), true));
+            self.expiry.push((
+                (finished_ms + self.ttl_ms, Expiry::Job(job.to_string())),
+                true,
+            ));
         }
         self.trim(&mut rec)?;
         let appended = Appended {
@@ -414,6 +495,14 @@ impl<'a> Staged<'a> {
             return Ok(());
         }
         let last_dropped = rec.first_seq + excess - 1;
+        // Staged first: these were never stored, so dropping them is forgetting the insert.
+        // (In the other order this would also forget the removals staged just below.)
+        for seq in rec.first_seq..=last_dropped {
+            if let Some(Some(ev)) = self.events.remove(&(rec.num, seq)) {
+                rec.dropped_offset = rec.dropped_offset.max(ev.offset);
+                self.log.remove(&ev.offset);
+            }
+        }
         let stored = self
             .store
             .events_after(rec.num, rec.first_seq - 1, excess as usize)?;
@@ -421,12 +510,6 @@ impl<'a> Staged<'a> {
             rec.dropped_offset = rec.dropped_offset.max(ev.offset);
             self.events.insert((rec.num, ev.seq), None);
             self.log.insert(ev.offset, None);
-        }
-        for seq in rec.first_seq..=last_dropped {
-            if let Some(Some(ev)) = self.events.remove(&(rec.num, seq)) {
-                rec.dropped_offset = rec.dropped_offset.max(ev.offset);
-                self.log.remove(&ev.offset);
-            }
         }
         rec.first_seq = last_dropped + 1;
         Ok(())
@@ -453,8 +536,10 @@ impl<'a> Staged<'a> {
             self.log.insert(ev.offset, None);
         }
         if let Some(finished_ms) = rec.finished_ms {
-            self.expiry
-                .push(((finished_ms + self.ttl_ms, Expiry::Job(job.to_owned())), false));
+            self.expiry.push((
+                (finished_ms + self.ttl_ms, Expiry::Job(job.to_owned())),
+                false,
+            ));
         }
         self.heads.offset += 1;
         let offset = self.heads.offset;
@@ -462,12 +547,14 @@ impl<'a> Staged<'a> {
             offset,
             Some(LogEntry::Removed {
                 job: job.to_owned(),
+                num: rec.num,
             }),
         );
         self.expiry
             .push(((now + self.ttl_ms, Expiry::Tombstone(offset)), true));
         self.notices.push(Notice::Removed {
             job: Arc::from(job),
+            num: rec.num,
             offset,
         });
         self.put_job(job, None);

@@ -39,6 +39,7 @@ const NORMAL: u16 = 1000;
 const GOING_AWAY: u16 = 1001;
 const UNSUPPORTED: u16 = 1003;
 const TOO_BIG: u16 = 1009;
+const INTERNAL: u16 = 1011;
 
 #[derive(Debug, Error)]
 pub enum WsError {
@@ -51,11 +52,12 @@ pub fn upgrade() -> impl Filter<Extract = (Ws,), Error = warp::Rejection> + Clon
     warp::ws().map(|ws: Ws| ws.max_message_size(MAX_MESSAGE).max_frame_size(MAX_MESSAGE))
 }
 
-/// A per-job socket's parameters, checked before the handshake so that a bad `after` is a
-/// `400`, not a socket that closes at once.
+/// A per-job socket's subscription, opened before the handshake: a bad `after` is a `400`
+/// rather than a socket that closes at once, and an event published after the handshake is
+/// delivered as an event (not folded into a snapshot).
 pub struct JobParams {
     job: JobId,
-    resume: Option<u64>,
+    start: Start,
     state: AppState,
 }
 
@@ -65,10 +67,12 @@ pub async fn check_job(job: String, query: String, state: AppState) -> Result<Jo
     let resume = match query_value(&pairs, "after") {
         None => None,
         Some(raw) => Some(
-            parse_u64(raw).ok_or_else(|| ApiError::InvalidLastEventId(raw.chars().take(64).collect()))?,
+            parse_u64(raw)
+                .ok_or_else(|| ApiError::InvalidLastEventId(raw.chars().take(64).collect()))?,
         ),
     };
-    Ok(JobParams { job, resume, state })
+    let start = state.src.open_job(job.clone(), resume)?;
+    Ok(JobParams { job, start, state })
 }
 
 /// GET /v1/jobs/{job}/ws?after=N
@@ -77,7 +81,7 @@ pub fn job_session(params: JobParams, ws: Ws) -> Response {
     ws.on_upgrade(move |socket| {
         supervisor.track(
             "ws-job",
-            Session::new(params.state, true).run(socket, Some((params.job, params.resume))),
+            Session::new(params.state, true).run(socket, Some((params.job, params.start))),
         )
     })
     .into_response()
@@ -86,8 +90,10 @@ pub fn job_session(params: JobParams, ws: Ws) -> Response {
 /// GET /v1/ws
 pub fn many_session(state: AppState, ws: Ws) -> Response {
     let supervisor = state.supervisor.clone();
-    ws.on_upgrade(move |socket| supervisor.track("ws-many", Session::new(state, false).run(socket, None)))
-        .into_response()
+    ws.on_upgrade(move |socket| {
+        supervisor.track("ws-many", Session::new(state, false).run(socket, None))
+    })
+    .into_response()
 }
 
 /// What a client of `/v1/ws` may send.
@@ -123,7 +129,7 @@ impl Session {
         }
     }
 
-    async fn run(mut self, socket: WebSocket, job: Option<(JobId, Option<u64>)>) -> Result<(), WsError> {
+    async fn run(mut self, socket: WebSocket, job: Option<(JobId, Start)>) -> Result<(), WsError> {
         let _guard = self.state.src.metrics.subscriber(Transport::Ws);
         let (mut sink, mut stream) = socket.split();
         let shutdown = self.state.supervisor.token().clone();
@@ -133,15 +139,12 @@ impl Session {
         // When the oldest ping still unanswered went out.
         let mut unanswered: Option<Instant> = None;
 
-        if let Some((job, resume)) = job {
-            let text = match self.subscribe(job, resume) {
-                Ok(None) => None,
-                Ok(Some(end)) => Some(end),
-                Err(e) => Some(error_text(&e)),
-            };
-            if let Some(text) = text {
-                // Already over (or the store failed): say so, then close.
-                sink.send(Message::text(text)).await.map_err(WsError::Send)?;
+        if let Some((job, start)) = job {
+            if let Some(text) = self.follow(job, start) {
+                // Already over: say so, then close.
+                sink.send(Message::text(text))
+                    .await
+                    .map_err(WsError::Send)?;
                 let _ = sink.send(Message::close_with(NORMAL, "job finished")).await;
                 return Ok(());
             }
@@ -151,10 +154,14 @@ impl Session {
             tokio::select! {
                 () = shutdown.cancelled() => break Some((GOING_AWAY, "server shutting down")),
                 Some((_, frame)) = self.subs.next() => {
-                    let ends = matches!(frame, Frame::End { .. } | Frame::Removed { .. });
+                    let closing = match &frame {
+                        Frame::End { .. } | Frame::Removed { .. } => Some((NORMAL, "job finished")),
+                        Frame::Failed { .. } => Some((INTERNAL, "subscription failed; reconnect")),
+                        Frame::Snapshot { .. } | Frame::ResetAll { .. } | Frame::Event(_) => None,
+                    };
                     sink.send(Message::text(ws_text(frame))).await.map_err(WsError::Send)?;
-                    if ends && self.single {
-                        break Some((NORMAL, "job finished"));
+                    if self.single && closing.is_some() {
+                        break closing;
                     }
                 }
                 msg = stream.next() => match msg {
@@ -227,39 +234,51 @@ impl Session {
                     to_json_line(&serde_json::json!({"type": "subscribed", "job": job.as_str()}));
                 // `subscribed` goes out before any of the job's frames: those wait in the
                 // subscription's channel until the session loop reads them.
-                match self.subscribe(job, resume) {
-                    Ok(None) => vec![subscribed],
-                    Ok(Some(end)) => vec![subscribed, end],
-                    Err(e) => vec![error_text(&e)],
+                match self.state.src.open_job(job.clone(), resume) {
+                    Ok(start) => match self.follow(job, start) {
+                        None => vec![subscribed],
+                        Some(end) => vec![subscribed, end],
+                    },
+                    Err(e) => vec![error_text(&e.into())],
                 }
             }
             ClientMessage::Unsubscribe { job } => {
                 self.subs.remove(&job);
-                vec![to_json_line(&serde_json::json!({"type": "unsubscribed", "job": job}))]
+                vec![to_json_line(
+                    &serde_json::json!({"type": "unsubscribed", "job": job}),
+                )]
             }
         }
     }
 
-    /// Starts a subscription; if the job is already over for this resume point, returns the
-    /// `end` frame's text instead.
-    fn subscribe(&mut self, job: JobId, resume: Option<u64>) -> Result<Option<String>, ApiError> {
-        let src = self.state.src.clone();
-        let sub = match src.open_job(job.clone(), resume)? {
+    /// Follows an opened subscription; if the job is already over for its resume point,
+    /// returns the frame that says so (`end` or `deleted`) instead.
+    fn follow(&mut self, job: JobId, start: Start) -> Option<String> {
+        let sub = match start {
             Start::Follow(sub) => sub,
+            Start::Gone => {
+                self.subs.remove(job.as_str());
+                return Some(to_json_line(
+                    &serde_json::json!({"type": "deleted", "job": job.as_str()}),
+                ));
+            }
             Start::Finished(status) => {
                 self.subs.remove(job.as_str());
-                return Ok(Some(to_json_line(
+                return Some(to_json_line(
                     &serde_json::json!({"type": "end", "job": job.as_str(), "status": status}),
-                )));
+                ));
             }
         };
         let (tx, rx) = mpsc::channel(BUFFER);
         self.subs.insert(job.to_string(), ReceiverStream::new(rx));
-        let token = self.state.supervisor.token().clone();
+        let (src, token) = (
+            self.state.src.clone(),
+            self.state.supervisor.token().clone(),
+        );
         self.state
             .supervisor
             .spawn("ws-subscription", sub.run(src, tx, token));
-        Ok(None)
+        None
     }
 }
 
@@ -273,7 +292,15 @@ fn ws_text(frame: Frame) -> String {
         Frame::End { job, status } => {
             to_json_line(&serde_json::json!({"type": "end", "job": &*job, "status": status}))
         }
-        Frame::Removed { job, .. } => to_json_line(&serde_json::json!({"type": "deleted", "job": &*job})),
+        Frame::Removed { job, .. } => {
+            to_json_line(&serde_json::json!({"type": "deleted", "job": &*job}))
+        }
+        Frame::Failed { job } => to_json_line(&serde_json::json!({
+            "type": "error",
+            "error": "unavailable",
+            "message": "the subscription failed; subscribe again to resume",
+            "job": job.as_deref(),
+        })),
         // Never produced for a WebSocket: its subscriptions are per job.
         Frame::ResetAll { json, .. } => json,
     }

@@ -7,7 +7,9 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 fn error_code(body: &Value) -> &str {
-    body["error"].as_str().unwrap_or_else(|| panic!("no error code in {body}"))
+    body["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error code in {body}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -52,7 +54,10 @@ async fn publish_answers_seq_and_offset_and_folds_the_snapshot() {
     let events = d.history("build-1").await;
     assert_eq!(events[1]["percent"], 25.0);
     assert_eq!(events[0]["status"], "queued");
-    assert!(events[0].get("percent").is_none(), "unset fields are absent from events");
+    assert!(
+        events[0].get("percent").is_none(),
+        "unset fields are absent from events"
+    );
     d.stop().await;
 }
 
@@ -80,7 +85,10 @@ async fn rejected_batches_store_nothing() {
     d.publish_ok("j", json!({"percent": 1})).await;
     // An update after its own terminal status: the whole batch is refused.
     let (status, body) = d
-        .publish("j", json!([{"percent": 2}, {"status": "failed"}, {"percent": 3}]))
+        .publish(
+            "j",
+            json!([{"percent": 2}, {"status": "failed"}, {"percent": 3}]),
+        )
         .await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(error_code(&body), "job_finished");
@@ -90,7 +98,10 @@ async fn rejected_batches_store_nothing() {
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(error_code(&body), "invalid_body");
-    assert!(body["message"].as_str().unwrap().contains("update 1"), "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("update 1"),
+        "{body}"
+    );
     let too_many: Vec<Value> = (0..1001).map(|i| json!({"current": i})).collect();
     let (status, body) = d.publish("j", Value::Array(too_many)).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
@@ -140,14 +151,21 @@ async fn bad_bodies_get_the_contract_errors() {
     let (_, err) = post(br#"{"precent": 5}"#.to_vec(), json_ct).await;
     assert_eq!(error_code(&err), "invalid_body");
     let msg = err["message"].as_str().unwrap();
-    assert!(msg.contains("precent") && msg.contains("percent") && msg.contains("stage"), "{msg}");
+    assert!(
+        msg.contains("precent") && msg.contains("percent") && msg.contains("stage"),
+        "{msg}"
+    );
     // Content types.
     let (status, err) = post(br#"{"percent":1}"#.to_vec(), None).await;
     assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
     assert_eq!(error_code(&err), "unsupported_media_type");
     let (status, _) = post(br#"{"percent":1}"#.to_vec(), Some("text/plain")).await;
     assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
-    let (status, _) = post(br#"{"percent":1}"#.to_vec(), Some("application/json; charset=utf-8")).await;
+    let (status, _) = post(
+        br#"{"percent":1}"#.to_vec(),
+        Some("application/json; charset=utf-8"),
+    )
+    .await;
     assert_eq!(status, StatusCode::CREATED);
     // Limits on strings and data.
     let long_stage = json!({"stage": "s".repeat(257)});
@@ -162,25 +180,36 @@ async fn bad_bodies_get_the_contract_errors() {
     let (status, err) = post(big_data.to_string().into_bytes(), json_ct).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(error_code(&err), "payload_too_large");
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
-        vec![Ok(b"{\"message\":\"".to_vec()), Ok(vec![b'x'; 9000]), Ok(b"\"}".to_vec())];
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![
+        Ok(b"{\"message\":\"".to_vec()),
+        Ok(vec![b'x'; 9000]),
+        Ok(b"\"}".to_vec()),
+    ];
     let res = d
         .http
         .post(d.url("/v1/jobs/j/events"))
         .header("content-type", "application/json")
-        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
         .send()
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
-    assert_eq!(d.history("j").await.len(), 1, "only the one good publish is stored");
+    assert_eq!(
+        d.history("j").await.len(),
+        1,
+        "only the one good publish is stored"
+    );
     d.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_is_limited_by_max_data() {
     let d = Daemon::with(|c| c.max_data = 100).await;
-    let (status, err) = d.publish("j", json!({"data": {"k": "v".repeat(100)}})).await;
+    let (status, err) = d
+        .publish("j", json!({"data": {"k": "v".repeat(100)}}))
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(error_code(&err), "invalid_body");
     assert!(err["message"].as_str().unwrap().contains("data"));
@@ -227,8 +256,16 @@ async fn unknown_paths_and_methods() {
     assert_eq!(error_code(&err), "job_not_found");
     let res = d.http.put(d.url("/v1/jobs/x")).send().await.unwrap();
     assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED);
-    assert_eq!(error_code(&res.json::<Value>().await.unwrap()), "method_not_allowed");
-    let res = d.http.delete(d.url("/v1/jobs/x/events")).send().await.unwrap();
+    assert_eq!(
+        error_code(&res.json::<Value>().await.unwrap()),
+        "method_not_allowed"
+    );
+    let res = d
+        .http
+        .delete(d.url("/v1/jobs/x/events"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED);
     let res = d.http.post(d.url("/v1/jobs")).send().await.unwrap();
     assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED);
@@ -239,10 +276,12 @@ async fn unknown_paths_and_methods() {
 async fn list_filters_and_pages_in_id_order() {
     let d = Daemon::start().await;
     for i in 0..7 {
-        d.publish_ok(&format!("build-{i}"), json!({"percent": i})).await;
+        d.publish_ok(&format!("build-{i}"), json!({"percent": i}))
+            .await;
     }
     d.publish_ok("deploy-1", json!({"status": "failed"})).await;
-    d.publish_ok("build-3", json!({"status": "succeeded"})).await;
+    d.publish_ok("build-3", json!({"status": "succeeded"}))
+        .await;
 
     let (status, page) = d.get("/v1/jobs").await;
     assert_eq!(status, StatusCode::OK);
@@ -276,7 +315,10 @@ async fn list_filters_and_pages_in_id_order() {
             None => break,
         }
     }
-    assert_eq!(seen, (0..7).map(|i| format!("build-{i}")).collect::<Vec<_>>());
+    assert_eq!(
+        seen,
+        (0..7).map(|i| format!("build-{i}")).collect::<Vec<_>>()
+    );
 
     let (_, page) = d.get("/v1/jobs?status=succeeded").await;
     assert_eq!(page["jobs"].as_array().unwrap().len(), 1);
@@ -331,7 +373,8 @@ async fn history_pages_by_seq() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_removes_job_and_history_and_the_id_starts_afresh() {
     let d = Daemon::start().await;
-    d.publish_ok("j", json!([{"percent": 1}, {"percent": 2}])).await;
+    d.publish_ok("j", json!([{"percent": 1}, {"percent": 2}]))
+        .await;
     let res = d.http.delete(d.url("/v1/jobs/j")).send().await.unwrap();
     assert_eq!(res.status(), StatusCode::NO_CONTENT);
     let (status, err) = d.get("/v1/jobs/j").await;
@@ -357,7 +400,8 @@ async fn probes_and_metrics() {
     assert_eq!(body["status"], "ok");
     let (status, body) = d.get("/readyz").await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    d.publish_ok("j", json!([{"percent": 1}, {"percent": 2}])).await;
+    d.publish_ok("j", json!([{"percent": 1}, {"percent": 2}]))
+        .await;
     let (_, mut sse) = d.sse("/v1/jobs/j/stream", None).await;
     assert_eq!(sse.expect().await.event, "snapshot");
     let text = d
@@ -369,10 +413,22 @@ async fn probes_and_metrics() {
         .text()
         .await
         .unwrap();
-    assert!(text.contains("progressd_events_published_total 2"), "{text}");
-    assert!(text.contains("progressd_subscribers{transport=\"sse\"} 1"), "{text}");
-    assert!(text.contains("progressd_subscribers{transport=\"ws\"} 0"), "{text}");
-    assert!(text.contains("# TYPE progressd_task_failures_total counter"), "{text}");
+    assert!(
+        text.contains("progressd_events_published_total 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("progressd_subscribers{transport=\"sse\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("progressd_subscribers{transport=\"ws\"} 0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE progressd_task_failures_total counter"),
+        "{text}"
+    );
     assert!(text.contains("progressd_jobs 1"), "{text}");
     d.stop().await;
 }

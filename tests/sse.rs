@@ -42,7 +42,8 @@ async fn headers_retry_and_keepalive_are_on_the_wire() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fresh_subscribe_gets_snapshot_then_live_events() {
     let d = Daemon::start().await;
-    d.publish_ok("j", json!([{"stage": "a"}, {"percent": 10}])).await;
+    d.publish_ok("j", json!([{"stage": "a"}, {"percent": 10}]))
+        .await;
     let (status, mut sse) = d.sse("/v1/jobs/j/stream", None).await;
     assert_eq!(status, StatusCode::OK);
     let snap = sse.expect().await;
@@ -100,6 +101,13 @@ async fn finished_job_sends_end_and_closes_then_204() {
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (status, _) = d.sse("/v1/jobs/j/stream?after=2", None).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
+    // Past the end (the id may have been reused since): a reset, then end.
+    let (status, mut past) = d.sse("/v1/jobs/j/stream", Some("5")).await;
+    assert_eq!(status, StatusCode::OK);
+    let reset = past.expect().await;
+    assert_eq!((reset.event.as_str(), reset.id.as_str()), ("reset", "2"));
+    assert_eq!(past.expect().await.event, "end");
+    past.expect_closed().await;
     // Resuming before the end: the missing events, then end.
     let (status, mut behind) = d.sse("/v1/jobs/j/stream", Some("1")).await;
     assert_eq!(status, StatusCode::OK);
@@ -127,7 +135,12 @@ async fn bad_resume_points_are_refused() {
         let body: Value = res.json().await.unwrap();
         assert_eq!(body["error"], "invalid_last_event_id");
     }
-    let res = d.http.get(d.url("/v1/jobs/bad%20id/stream")).send().await.unwrap();
+    let res = d
+        .http
+        .get(d.url("/v1/jobs/bad%20id/stream"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::BAD_REQUEST);
     d.stop().await;
 }
@@ -246,7 +259,7 @@ async fn a_slow_subscriber_gets_everything_and_does_not_delay_a_fast_one() {
     let mut i = 2;
     while i <= TOTAL {
         // Padded events, so the backlog is far larger than the socket buffers can hide.
-        let batch: Vec<Value> = (i..(i + 100).min(TOTAL + 1))
+        let batch: Vec<Value> = (i..(i + 50).min(TOTAL + 1))
             .map(|n| {
                 let mut e = step(n);
                 e["message"] = json!("x".repeat(600));
@@ -297,6 +310,9 @@ async fn deleting_a_job_ends_its_streams() {
     assert_eq!(ev.event, "deleted");
     assert_eq!(ev.data["job"], "j");
     sse.expect_closed().await;
+    // EventSource reconnects with the last id it saw: the job is gone, so 204 stops it.
+    let (status, _) = d.sse("/v1/jobs/j/stream", Some("1")).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
     d.stop().await;
 }
 
@@ -380,7 +396,7 @@ async fn many_job_stream_resets_when_retention_dropped_what_it_missed() {
     d.publish_ok("b", json!({"percent": 1})).await; // offset 2
     let batch: Vec<Value> = (1..=5).map(step).collect();
     d.publish_ok("a", Value::Array(batch)).await; // offsets 3..=7; a keeps seqs 4..=6
-    // After offset 2, a's events at offsets 3 and 4 are gone: reset.
+                                                  // After offset 2, a's events at offsets 3 and 4 are gone: reset.
     let (_, mut sse) = d.sse("/v1/stream", Some("2")).await;
     let reset = sse.expect().await;
     assert_eq!(reset.event, "reset");

@@ -28,7 +28,10 @@ async fn per_job_socket_snapshot_events_end_and_close_1000() {
     d.publish_ok("j", json!({"status": "cancelled"})).await;
     assert_eq!(ws_json(&mut ws).await["event"]["seq"], 3);
     let end = ws_json(&mut ws).await;
-    assert_eq!(end, json!({"type": "end", "job": "j", "status": "cancelled"}));
+    assert_eq!(
+        end,
+        json!({"type": "end", "job": "j", "status": "cancelled"})
+    );
     assert!(matches!(ws_read(&mut ws).await, WsRead::Close(Some(1000))));
     d.stop().await;
 }
@@ -119,7 +122,17 @@ async fn deleted_job_closes_per_job_socket_with_1000() {
     let mut ws = ws_connect(&d.ws_url("/v1/jobs/j/ws")).await;
     assert_eq!(ws_json(&mut ws).await["type"], "snapshot");
     d.http.delete(d.url("/v1/jobs/j")).send().await.unwrap();
-    assert_eq!(ws_json(&mut ws).await, json!({"type": "deleted", "job": "j"}));
+    assert_eq!(
+        ws_json(&mut ws).await,
+        json!({"type": "deleted", "job": "j"})
+    );
+    assert!(matches!(ws_read(&mut ws).await, WsRead::Close(Some(1000))));
+    // Resuming the deleted job: told so at once.
+    let mut ws = ws_connect(&d.ws_url("/v1/jobs/j/ws?after=1")).await;
+    assert_eq!(
+        ws_json(&mut ws).await,
+        json!({"type": "deleted", "job": "j"})
+    );
     assert!(matches!(ws_read(&mut ws).await, WsRead::Close(Some(1000))));
     d.stop().await;
 }
@@ -131,16 +144,29 @@ async fn multi_job_socket_subscribe_unsubscribe_and_errors() {
         .await;
     let mut ws = ws_connect(&d.ws_url("/v1/ws")).await;
 
-    ws_send(&mut ws, json!({"type": "subscribe", "job": "a", "after": 1})).await;
-    assert_eq!(ws_json(&mut ws).await, json!({"type": "subscribed", "job": "a"}));
+    ws_send(
+        &mut ws,
+        json!({"type": "subscribe", "job": "a", "after": 1}),
+    )
+    .await;
+    assert_eq!(
+        ws_json(&mut ws).await,
+        json!({"type": "subscribed", "job": "a"})
+    );
     assert_eq!(ws_json(&mut ws).await["event"]["seq"], 2);
     assert_eq!(ws_json(&mut ws).await["event"]["seq"], 3);
 
     ws_send(&mut ws, json!({"type": "subscribe", "job": "b"})).await;
-    assert_eq!(ws_json(&mut ws).await, json!({"type": "subscribed", "job": "b"}));
+    assert_eq!(
+        ws_json(&mut ws).await,
+        json!({"type": "subscribed", "job": "b"})
+    );
     d.publish_ok("b", json!({"stage": "x"})).await;
     let ev = ws_json(&mut ws).await;
-    assert_eq!((ev["event"]["job"].as_str(), ev["event"]["seq"].as_u64()), (Some("b"), Some(1)));
+    assert_eq!(
+        (ev["event"]["job"].as_str(), ev["event"]["seq"].as_u64()),
+        (Some("b"), Some(1))
+    );
 
     // Malformed messages get error frames; the socket stays open.
     for (msg, code) in [
@@ -148,8 +174,14 @@ async fn multi_job_socket_subscribe_unsubscribe_and_errors() {
         (r#"{"type":"dance"}"#, "invalid_body"),
         (r#"{"type":"subscribe"}"#, "invalid_body"),
         (r#"{"type":"subscribe","job":"bad id"}"#, "invalid_job_id"),
-        (r#"{"type":"subscribe","job":"a","after":-1}"#, "invalid_last_event_id"),
-        (r#"{"type":"subscribe","job":"a","extra":1}"#, "invalid_body"),
+        (
+            r#"{"type":"subscribe","job":"a","after":-1}"#,
+            "invalid_last_event_id",
+        ),
+        (
+            r#"{"type":"subscribe","job":"a","extra":1}"#,
+            "invalid_body",
+        ),
     ] {
         ws.send(Message::text(msg)).await.unwrap();
         let err = ws_json(&mut ws).await;
@@ -159,7 +191,10 @@ async fn multi_job_socket_subscribe_unsubscribe_and_errors() {
     }
 
     ws_send(&mut ws, json!({"type": "unsubscribe", "job": "a"})).await;
-    assert_eq!(ws_json(&mut ws).await, json!({"type": "unsubscribed", "job": "a"}));
+    assert_eq!(
+        ws_json(&mut ws).await,
+        json!({"type": "unsubscribed", "job": "a"})
+    );
     d.publish_ok("a", json!({"percent": 4})).await;
     d.publish_ok("b", json!({"percent": 5})).await;
     // Only b's event arrives: a is no longer followed.
@@ -174,7 +209,11 @@ async fn multi_job_socket_subscribe_unsubscribe_and_errors() {
         ws_json(&mut ws).await,
         json!({"type": "end", "job": "b", "status": "succeeded"})
     );
-    ws_send(&mut ws, json!({"type": "subscribe", "job": "b", "after": 3})).await;
+    ws_send(
+        &mut ws,
+        json!({"type": "subscribe", "job": "b", "after": 3}),
+    )
+    .await;
     assert_eq!(ws_json(&mut ws).await["type"], "subscribed");
     assert_eq!(ws_json(&mut ws).await["type"], "end");
     d.stop().await;
@@ -238,6 +277,9 @@ async fn shutdown_closes_sockets_with_1001() {
     assert_eq!(ws_json(&mut many).await["event"]["seq"], 1);
     let stopping = tokio::spawn(d.stop());
     assert!(matches!(ws_read(&mut one).await, WsRead::Close(Some(1001))));
-    assert!(matches!(ws_read(&mut many).await, WsRead::Close(Some(1001))));
+    assert!(matches!(
+        ws_read(&mut many).await,
+        WsRead::Close(Some(1001))
+    ));
     stopping.await.unwrap();
 }

@@ -86,7 +86,9 @@ impl ApiError {
     }
 
     pub fn batch_too_large(n: usize) -> ApiError {
-        ApiError::InvalidBody(format!("a batch holds at most {MAX_BATCH} updates, got {n}"))
+        ApiError::InvalidBody(format!(
+            "a batch holds at most {MAX_BATCH} updates, got {n}"
+        ))
     }
 }
 
@@ -150,7 +152,10 @@ pub async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
         ApiError::MethodNotAllowed
     } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
         ApiError::PayloadTooLarge(0)
-    } else if rejection.find::<warp::reject::UnsupportedMediaType>().is_some() {
+    } else if rejection
+        .find::<warp::reject::UnsupportedMediaType>()
+        .is_some()
+    {
         ApiError::UnsupportedMediaType
     } else if let Some(e) = rejection.find::<warp::reject::InvalidHeader>() {
         ApiError::InvalidBody(e.to_string())

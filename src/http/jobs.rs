@@ -154,12 +154,11 @@ pub async fn list(query: String, state: AppState) -> Result<Response, ApiError> 
                 .map_err(|_| ApiError::InvalidCursor(c.chars().take(140).collect()))?,
         ),
     };
-    let (jobs, more) = state.src.store.list_jobs(
-        cursor.as_ref().map(|c| c.as_str()),
-        prefix,
-        status,
-        limit,
-    )?;
+    let (jobs, more) =
+        state
+            .src
+            .store
+            .list_jobs(cursor.as_ref().map(|c| c.as_str()), prefix, status, limit)?;
     let newest = jobs.iter().map(|(_, r)| r.last_offset).max().unwrap_or(0);
     state.src.writer.wait_visible(newest).await?;
     let next_cursor = if more {
@@ -254,12 +253,23 @@ mod tests {
 
     #[test]
     fn bodies_are_classified() {
-        let code = |b: &str| parse_updates(b.as_bytes(), 100).map(|v| v.len()).map_err(|e| e.code());
+        let code = |b: &str| {
+            parse_updates(b.as_bytes(), 100)
+                .map(|v| v.len())
+                .map_err(|e| e.code())
+        };
         assert_eq!(code(r#"{"percent":1}"#), Ok(1));
         assert_eq!(code(r#"[{"percent":1},{"stage":"x"}]"#), Ok(2));
         assert_eq!(code("{"), Err("invalid_json"));
         assert_eq!(code("\u{0}"), Err("invalid_json"));
-        for body in ["42", "null", "{}", "[]", r#"{"nope":1}"#, r#"[{"percent":1}, 3]"#] {
+        for body in [
+            "42",
+            "null",
+            "{}",
+            "[]",
+            r#"{"nope":1}"#,
+            r#"[{"percent":1}, 3]"#,
+        ] {
             assert_eq!(code(body), Err("invalid_body"), "{body}");
         }
         let batch = format!("[{}]", vec![r#"{"percent":1}"#; 1001].join(","));

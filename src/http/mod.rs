@@ -54,17 +54,13 @@ pub fn routes(
         .unify()
 }
 
-fn with_state(
-    state: AppState,
-) -> impl Filter<Extract = (AppState,), Error = Infallible> + Clone {
+fn with_state(state: AppState) -> impl Filter<Extract = (AppState,), Error = Infallible> + Clone {
     warp::any().map(move || state.clone())
 }
 
 /// The raw query string, empty when there is none.
 fn raw_query() -> impl Filter<Extract = (String,), Error = Infallible> + Clone {
-    warp::query::raw()
-        .or(warp::any().map(String::new))
-        .unify()
+    warp::query::raw().or(warp::any().map(String::new)).unify()
 }
 
 /// Handlers return `Result<Response, ApiError>`; warp wants rejections.
@@ -75,9 +71,7 @@ macro_rules! handle {
 }
 
 /// GET /healthz, GET /readyz, GET /metrics
-fn probes(
-    state: AppState,
-) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+fn probes(state: AppState) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     let healthz = warp::path!("healthz")
         .and(warp::get())
         .map(|| json_response(StatusCode::OK, r#"{"status":"ok"}"#.to_owned()));
@@ -211,10 +205,7 @@ pub fn query_value<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a 
 
 /// A resume point: the `Last-Event-ID` header wins over `?after=`; either must be a
 /// non-negative integer.
-pub fn resume_point(
-    header: Option<&str>,
-    after: Option<&str>,
-) -> Result<Option<u64>, ApiError> {
+pub fn resume_point(header: Option<&str>, after: Option<&str>) -> Result<Option<u64>, ApiError> {
     match header.or(after) {
         None => Ok(None),
         Some(raw) => parse_u64(raw)

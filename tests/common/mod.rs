@@ -256,7 +256,9 @@ pub async fn ws_read(ws: &mut WsStream) -> WsRead {
             None => return WsRead::Close(None),
             Some(Err(e)) => panic!("websocket error: {e}"),
             Some(Ok(Message::Text(t))) => return WsRead::Json(serde_json::from_str(&t).unwrap()),
-            Some(Ok(Message::Close(frame))) => return WsRead::Close(frame.map(|f| u16::from(f.code))),
+            Some(Ok(Message::Close(frame))) => {
+                return WsRead::Close(frame.map(|f| u16::from(f.code)))
+            }
             Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
             Some(Ok(Message::Binary(_))) => panic!("unexpected binary frame"),
         }
