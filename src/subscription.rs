@@ -156,10 +156,13 @@ impl Source {
 
     /// Subscribes to the jobs `filter` matches from `resume` (an offset), or from now.
     pub fn open_many(&self, filter: Filter, resume: Option<u64>) -> ManySubscription {
+        let rx = self.hub.subscribe_all();
         ManySubscription {
-            rx: self.hub.subscribe_all(),
+            rx,
             filter,
+            // "Now" is the moment of subscribing, not the moment the task gets to run.
             resume,
+            now: self.writer.visible(),
         }
     }
 }
@@ -412,6 +415,8 @@ pub struct ManySubscription {
     rx: broadcast::Receiver<Notice>,
     filter: Filter,
     resume: Option<u64>,
+    /// The visible head when we subscribed: where a stream without resume point starts.
+    now: u64,
 }
 
 impl ManySubscription {
@@ -434,9 +439,9 @@ impl ManySubscription {
 
     async fn follow(mut self, src: &Source, out: Out<'_>) -> Result<(), SubscriptionError> {
         // `last` is the last offset accounted for: delivered, or known not to match.
-        let mut last = src.writer.visible();
+        let mut last = self.now;
         if let Some(n) = self.resume {
-            if n > last || self.lost_after(src, n)? {
+            if n > src.writer.visible() || self.lost_after(src, n)? {
                 last = self.reset(src, &out).await?;
             } else {
                 last = n;
