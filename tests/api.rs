@@ -404,15 +404,7 @@ async fn probes_and_metrics() {
         .await;
     let (_, mut sse) = d.sse("/v1/jobs/j/stream", None).await;
     assert_eq!(sse.expect().await.event, "snapshot");
-    let text = d
-        .http
-        .get(d.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = d.metrics().await;
     assert!(
         text.contains("progressd_events_published_total 2"),
         "{text}"

@@ -200,24 +200,7 @@ async fn resume_while_publishing_delivers_every_seq_once_in_order() {
     let d = Daemon::start().await;
     const TOTAL: u64 = 600;
     d.publish_ok("j", step(1)).await;
-    let publisher = {
-        let (http, base) = (d.http.clone(), d.base.clone());
-        tokio::spawn(async move {
-            for i in 2..=TOTAL {
-                let mut body = step(i);
-                if i == TOTAL {
-                    body["status"] = json!("succeeded");
-                }
-                let res = http
-                    .post(format!("{base}/v1/jobs/j/events"))
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(res.status(), StatusCode::CREATED);
-            }
-        })
-    };
+    let publisher = d.spawn_publisher("j", TOTAL);
     let mut next = 1;
     let mut round = 0;
     while next <= TOTAL {
@@ -277,15 +260,7 @@ async fn a_slow_subscriber_gets_everything_and_does_not_delay_a_fast_one() {
     let mut next = 2;
     read_in_order(&mut slow, &mut next, TOTAL, usize::MAX).await;
     assert_eq!(next, TOTAL + 1);
-    let metrics = d
-        .http
-        .get(d.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = d.metrics().await;
     assert!(metrics.contains("progressd_resets_total 0"), "{metrics}");
     // The slow one really fell behind the live channel and caught up from the store.
     let catchups: u64 = metrics

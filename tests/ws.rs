@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use common::{step, ws_connect, ws_json, ws_read, ws_send, Api, Daemon, WsRead};
 use futures_util::SinkExt;
-use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::{self, Message};
 
@@ -41,24 +40,7 @@ async fn per_job_socket_resumes_with_after_while_publishing() {
     let d = Daemon::start().await;
     const TOTAL: u64 = 400;
     d.publish_ok("j", step(1)).await;
-    let publisher = {
-        let (http, base) = (d.http.clone(), d.base.clone());
-        tokio::spawn(async move {
-            for i in 2..=TOTAL {
-                let mut body = step(i);
-                if i == TOTAL {
-                    body["status"] = json!("succeeded");
-                }
-                let res = http
-                    .post(format!("{base}/v1/jobs/j/events"))
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(res.status(), StatusCode::CREATED);
-            }
-        })
-    };
+    let publisher = d.spawn_publisher("j", TOTAL);
     let mut next = 1;
     let mut reconnects = 0;
     'outer: loop {

@@ -165,6 +165,37 @@ pub trait Api {
         }
     }
 
+    /// The Prometheus text of `/metrics`.
+    async fn metrics(&self) -> String {
+        self.http()
+            .get(format!("{}/metrics", self.base()))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Publishes `step(2..=total)` to `job` one request at a time in the background, the
+    /// last one with status succeeded; each must get its 201.
+    fn spawn_publisher(&self, job: &str, total: u64) -> tokio::task::JoinHandle<()> {
+        let (http, url) = (
+            self.http().clone(),
+            format!("{}/v1/jobs/{job}/events", self.base()),
+        );
+        tokio::spawn(async move {
+            for i in 2..=total {
+                let mut body = step(i);
+                if i == total {
+                    body["status"] = json!("succeeded");
+                }
+                let res = http.post(&url).json(&body).send().await.unwrap();
+                assert_eq!(res.status(), StatusCode::CREATED);
+            }
+        })
+    }
+
     /// Opens an SSE stream; `last_event_id` sets the header.
     async fn sse(&self, path: &str, last_event_id: Option<&str>) -> (StatusCode, Sse) {
         let mut req = self
