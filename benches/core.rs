@@ -38,7 +38,11 @@ async fn daemon(durability: Durability) -> Daemon {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(progressd::run(listener, config, shutdown.clone()));
+    let task = tokio::spawn(progressd::run(
+        vec![progressd::Listener::Tcp(listener)],
+        config,
+        shutdown.clone(),
+    ));
     Daemon {
         base,
         shutdown,

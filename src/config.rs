@@ -8,6 +8,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 
+use crate::listen::ListenAddr;
+use crate::store::Faults;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "progressd",
@@ -23,6 +26,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon.
     Serve(ServeArgs),
+    /// Validate the configuration (flags and PROGRESSD_* variables) and exit: 0 if it is
+    /// good, 2 with a message if not. For `ExecStartPre=`.
+    CheckConfig(ServeArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -41,9 +47,18 @@ pub enum LogFormat {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Address to listen on (`host:port`).
-    #[arg(long, env = "PROGRESSD_LISTEN", default_value = "127.0.0.1:7700")]
-    pub listen: String,
+    /// Where to listen: `host:port` or `unix:/path`; repeat (or separate with commas) for
+    /// several. Ignored when systemd passes sockets (socket activation).
+    #[arg(
+        long,
+        env = "PROGRESSD_LISTEN",
+        default_value = "127.0.0.1:7700",
+        value_delimiter = ','
+    )]
+    pub listen: Vec<ListenAddr>,
+    /// Permissions of Unix sockets we create, in octal.
+    #[arg(long, env = "PROGRESSD_UNIX_MODE", default_value = "660", value_parser = parse_mode)]
+    pub unix_mode: u32,
     /// Data directory [default: $STATE_DIRECTORY if set, else ./progressd-data].
     #[arg(long, env = "PROGRESSD_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -77,15 +92,23 @@ pub struct ServeArgs {
     /// Size of sled's page cache, in bytes.
     #[arg(long, env = "PROGRESSD_CACHE_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub cache_bytes: u64,
+    /// Inject a store fault, for tests and failure drills (e.g. stall-flush-after=3).
+    #[arg(long, env = "PROGRESSD_FAULT", hide = true)]
+    pub fault: Option<Faults>,
     /// Log format [default: pretty on a terminal, pretty without colours otherwise].
     #[arg(long, env = "PROGRESSD_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
 }
 
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s:?}: expected an octal mode such as 660"))
+}
+
 #[derive(Debug, Error)]
 pub enum ConfigError {
-    #[error("--listen {0:?}: expected host:port, e.g. 127.0.0.1:7700")]
-    Listen(String),
     #[error("--history must be at least 1")]
     History,
     #[error("--{0} must be longer than zero")]
@@ -97,7 +120,8 @@ pub enum ConfigError {
 /// The validated configuration of `progressd serve`.
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub listen: SocketAddr,
+    pub listen: Vec<ListenAddr>,
+    pub unix_mode: u32,
     pub data_dir: PathBuf,
     pub durability: Durability,
     pub flush_interval: Duration,
@@ -115,13 +139,16 @@ pub struct Config {
     pub job_channel: usize,
     /// Slots of the all-jobs live channel.
     pub all_channel: usize,
+    /// Store faults to inject (tests and drills only).
+    pub faults: Faults,
 }
 
 impl Config {
     /// The defaults of `progressd serve`, storing in `data_dir`.
     pub fn new(data_dir: impl Into<PathBuf>) -> Config {
         Config {
-            listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
+            listen: vec![ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 7700)))],
+            unix_mode: 0o660,
             data_dir: data_dir.into(),
             durability: Durability::Sync,
             flush_interval: Duration::from_millis(100),
@@ -136,6 +163,7 @@ impl Config {
             gc_interval: Duration::from_secs(1),
             job_channel: 256,
             all_channel: 4096,
+            faults: Faults::default(),
         }
     }
 }
@@ -144,10 +172,6 @@ impl TryFrom<ServeArgs> for Config {
     type Error = ConfigError;
 
     fn try_from(a: ServeArgs) -> Result<Config, ConfigError> {
-        let listen = a
-            .listen
-            .parse()
-            .map_err(|_| ConfigError::Listen(a.listen.clone()))?;
         if a.history == 0 {
             return Err(ConfigError::History);
         }
@@ -178,7 +202,8 @@ impl TryFrom<ServeArgs> for Config {
         let gc_interval =
             (a.finished_ttl / 10).clamp(Duration::from_millis(50), Duration::from_secs(60));
         Ok(Config {
-            listen,
+            listen: a.listen,
+            unix_mode: a.unix_mode,
             data_dir,
             durability: a.durability,
             flush_interval: a.flush_interval,
@@ -191,6 +216,7 @@ impl TryFrom<ServeArgs> for Config {
             shutdown_timeout: a.shutdown_timeout,
             cache_bytes: a.cache_bytes,
             gc_interval,
+            faults: a.fault.unwrap_or_default(),
             ..Config::new(PathBuf::new())
         })
     }
@@ -203,14 +229,15 @@ mod tests {
     fn parse(args: &[&str]) -> Result<Config, String> {
         let cli = Cli::try_parse_from(["progressd", "serve"].iter().chain(args))
             .map_err(|e| e.to_string())?;
-        let Command::Serve(a) = cli.command;
+        let (Command::Serve(a) | Command::CheckConfig(a)) = cli.command;
         Config::try_from(a).map_err(|e| e.to_string())
     }
 
     #[test]
     fn defaults_match_the_contract() {
         let c = parse(&["--data-dir", "/tmp/x"]).unwrap();
-        assert_eq!(c.listen.to_string(), "127.0.0.1:7700");
+        assert_eq!(c.listen, vec!["127.0.0.1:7700".parse().unwrap()]);
+        assert_eq!(c.unix_mode, 0o660);
         assert_eq!(c.durability, Durability::Sync);
         assert_eq!(c.flush_interval, Duration::from_millis(100));
         assert_eq!(c.history, 1000);

@@ -13,11 +13,13 @@
 //! | [`writer`]       | the single writer: seqs, offsets, group commit, retention by count     |
 //! | [`hub`]          | live fan-out through broadcast channels                                |
 //! | [`subscription`] | replay from the store then live from the hub, resets, lag catch-up     |
+//! | [`listen`]       | TCP and Unix listeners, sockets passed by systemd                      |
 //! | [`http`]         | warp routes, REST handlers, the JSON error body                        |
 //! | [`sse`]          | Server-Sent Events framing and endpoints                               |
 //! | [`ws`]           | WebSocket sessions                                                     |
 //! | [`retention`]    | expiry of finished jobs after `--finished-ttl`                         |
 //! | [`supervisor`]   | every task: named, tracked, failures logged and counted, shutdown      |
+//! | [`systemd`]      | sd_notify: readiness, status, watchdog, stopping                       |
 //! | [`metrics`]      | counters and gauges for `/metrics`                                     |
 //!
 //! [`run`] is the daemon: it takes a bound listener and a shutdown token, so the binary and
@@ -28,6 +30,7 @@
 pub mod config;
 pub mod http;
 pub mod hub;
+pub mod listen;
 pub mod metrics;
 pub mod model;
 pub mod retention;
@@ -35,14 +38,16 @@ pub mod sse;
 pub mod store;
 pub mod subscription;
 pub mod supervisor;
+pub mod systemd;
 pub mod writer;
 pub mod ws;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -50,6 +55,7 @@ use tracing::{info, warn};
 pub use config::Config;
 
 use hub::Hub;
+pub use listen::{ListenAddr, ListenError, Listener};
 use metrics::Metrics;
 use store::{Store, StoreError};
 use subscription::Source;
@@ -59,8 +65,8 @@ use supervisor::Supervisor;
 pub enum RunError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("listener: {0}")]
-    Listener(#[source] std::io::Error),
+    #[error(transparent)]
+    Listen(#[from] ListenError),
 }
 
 /// Opens the store and starts the writer and retention under `supervisor`: the daemon
@@ -70,7 +76,7 @@ pub fn open(
     supervisor: &Supervisor,
     writer_stop: CancellationToken,
 ) -> Result<Source, RunError> {
-    let store = Store::open(&config.data_dir, config.cache_bytes)?;
+    let store = open_store(config)?;
     let hub = Hub::new(config.job_channel, config.all_channel);
     let writer = writer::start(
         store.clone(),
@@ -98,14 +104,48 @@ pub fn open(
     })
 }
 
-/// Runs the daemon on `listener` until `shutdown` is cancelled, then drains within
+/// Opens the store; while sled recovers a large store, keeps asking systemd for more time.
+fn open_store(config: &Config) -> Result<Store, StoreError> {
+    std::thread::scope(|scope| {
+        let (done_tx, done) = std::sync::mpsc::channel();
+        scope.spawn(move || {
+            let _ = done_tx.send(Store::open(
+                &config.data_dir,
+                config.cache_bytes,
+                config.faults,
+            ));
+        });
+        loop {
+            match done.recv_timeout(Duration::from_secs(2)) {
+                Ok(result) => return result,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    info!(data_dir = %config.data_dir.display(), "still opening the store");
+                    systemd::extend_timeout(Duration::from_secs(10));
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    // The opening thread panicked; `scope` re-raises it on exit.
+                    return Err(StoreError::Decode {
+                        what: "store",
+                        detail: "opening the store panicked".into(),
+                    });
+                }
+            }
+        }
+    })
+}
+
+/// Runs the daemon on `listeners` until `shutdown` is cancelled, then drains within
 /// `config.shutdown_timeout` and flushes the store.
 pub async fn run(
-    listener: TcpListener,
+    listeners: Vec<Listener>,
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    let addr = listener.local_addr().map_err(RunError::Listener)?;
+    let addrs: Vec<String> = listeners
+        .iter()
+        .filter_map(Listener::local_addr)
+        .map(|a| a.to_string())
+        .collect();
     let metrics = Arc::new(Metrics::default());
     let supervisor = Supervisor::new(shutdown.clone(), Arc::clone(&metrics));
 
@@ -122,14 +162,41 @@ pub async fn run(
         config: Arc::clone(&config),
         supervisor: supervisor.clone(),
     };
-    let server = warp::serve(http::routes(state))
-        .incoming(listener)
-        .graceful(shutdown.clone().cancelled_owned())
-        .run();
+    let probe = systemd::Probe {
+        src: state.src.clone(),
+        addr: listeners.iter().find_map(Listener::local_addr),
+    };
+    let routes = http::routes(state);
+    let servers: Vec<Pin<Box<dyn Future<Output = ()> + Send>>> = listeners
+        .into_iter()
+        .map(|listener| -> Pin<Box<dyn Future<Output = ()> + Send>> {
+            let stop = shutdown.clone().cancelled_owned();
+            match listener {
+                Listener::Tcp(l) => {
+                    Box::pin(warp::serve(routes.clone()).incoming(l).graceful(stop).run())
+                }
+                Listener::Unix(l) => {
+                    Box::pin(warp::serve(routes.clone()).incoming(l).graceful(stop).run())
+                }
+            }
+        })
+        .collect();
+    let server = futures_util::future::join_all(servers);
     supervisor.health().set_started(true);
+    {
+        let (probe, watchdog, sup, token) = (
+            probe,
+            systemd::watchdog_period(),
+            supervisor.clone(),
+            shutdown.clone(),
+        );
+        supervisor.service("systemd", move || {
+            systemd::run(probe.clone(), watchdog, sup.clone(), token.clone())
+        });
+    }
     info!(
         version = env!("CARGO_PKG_VERSION"),
-        %addr,
+        listen = %addrs.join(","),
         data_dir = %config.data_dir.display(),
         durability = ?config.durability,
         history = config.history,
@@ -141,18 +208,31 @@ pub async fn run(
     // The server future ends by itself once the token is cancelled and its connections are
     // gone, possibly before we notice the token: never poll it again after that.
     let drained = tokio::select! {
-        () = &mut server => true,
+        _ = &mut server => true,
         () = shutdown.cancelled() => false,
     };
     let deadline = Instant::now() + config.shutdown_timeout;
+    systemd::stopping();
     supervisor.health().set_started(false);
     info!(grace = ?config.shutdown_timeout, "shutting down: ending streams, draining connections");
     // Streams end on the token; warp then waits for every open connection, with no limit of
     // its own.
+    // While connections drain, keep systemd's stop timeout ahead of our own deadline.
+    let drain = async {
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tokio::select! {
+                _ = &mut server => return true,
+                _ = tick.tick() => systemd::extend_timeout(
+                    deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(5),
+                ),
+            }
+        }
+    };
     if !drained
-        && tokio::time::timeout_at(deadline, &mut server)
+        && !tokio::time::timeout_at(deadline, drain)
             .await
-            .is_err()
+            .unwrap_or(false)
     {
         warn!("connections still open at the end of the grace period; closing them");
     }

@@ -4,17 +4,41 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
 
 use progressd::config::{Cli, Command, LogFormat, ServeArgs};
-use progressd::Config;
+use progressd::{Config, Listener};
 
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
+        Command::CheckConfig(args) => check_config(args),
+    }
+}
+
+/// `progressd check-config`: the same validation as `serve`, and nothing else.
+fn check_config(args: ServeArgs) -> ExitCode {
+    match Config::try_from(args) {
+        Ok(config) => {
+            println!(
+                "progressd: configuration ok (listen {}, data dir {}, durability {:?})",
+                config
+                    .listen
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+                config.data_dir.display(),
+                config.durability
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("progressd: {e}");
+            ExitCode::from(2)
+        }
     }
 }
 
@@ -28,6 +52,9 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     init_tracing(log_format);
+    // Sockets passed by systemd: read (and cleared from the environment, as the protocol
+    // asks) here, before the runtime starts any thread.
+    let activated = listenfd::ListenFd::from_env();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -39,16 +66,16 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let listener = match TcpListener::bind(config.listen).await {
+        let listeners = match listeners(activated, &config).await {
             Ok(l) => l,
             Err(e) => {
-                error!(addr = %config.listen, error = %e, "cannot listen");
+                error!(error = %e, "cannot listen");
                 return ExitCode::FAILURE;
             }
         };
         let shutdown = CancellationToken::new();
         let daemon = async {
-            let result = progressd::run(listener, config, shutdown.clone()).await;
+            let result = progressd::run(listeners, config, shutdown.clone()).await;
             shutdown.cancel();
             result
         };
@@ -69,6 +96,23 @@ fn serve(args: ServeArgs) -> ExitCode {
             }
         }
     })
+}
+
+/// systemd's sockets if it passed any, else `--listen`.
+async fn listeners(
+    activated: listenfd::ListenFd,
+    config: &Config,
+) -> Result<Vec<Listener>, progressd::ListenError> {
+    let passed = Listener::from_systemd(activated)?;
+    if !passed.is_empty() {
+        info!(count = passed.len(), "using sockets passed by systemd");
+        return Ok(passed);
+    }
+    let mut out = Vec::with_capacity(config.listen.len());
+    for addr in &config.listen {
+        out.push(Listener::bind(addr, config.unix_mode).await?);
+    }
+    Ok(out)
 }
 
 /// SIGINT or SIGTERM.

@@ -148,11 +148,13 @@ impl Metrics {
         let _ = writeln!(
             out,
             "# HELP progressd_jobs Jobs in the store.\n# TYPE progressd_jobs gauge\nprogressd_jobs {}\n\
+             # HELP progressd_events_stored Events retained in the store.\n# TYPE progressd_events_stored gauge\nprogressd_events_stored {}\n\
              # HELP progressd_watched_jobs Jobs with a live channel.\n# TYPE progressd_watched_jobs gauge\nprogressd_watched_jobs {}\n\
              # HELP progressd_head_offset Last durable offset.\n# TYPE progressd_head_offset gauge\nprogressd_head_offset {}\n\
              # HELP progressd_store_disk_bytes Size of the store on disk.\n# TYPE progressd_store_disk_bytes gauge\nprogressd_store_disk_bytes {}\n\
              # HELP progressd_ready Whether the daemon is ready (1) or not (0).\n# TYPE progressd_ready gauge\nprogressd_ready {}",
             store.jobs,
+            store.events,
             store.watched_jobs,
             store.head_offset,
             store.disk_bytes,
@@ -164,7 +166,8 @@ impl Metrics {
 
 /// Gauges read at scrape time.
 pub struct StoreGauges {
-    pub jobs: usize,
+    pub jobs: u64,
+    pub events: u64,
     pub watched_jobs: usize,
     pub head_offset: u64,
     pub disk_bytes: u64,

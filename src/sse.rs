@@ -93,10 +93,17 @@ pub fn filter(pairs: &[(String, String)]) -> Result<Filter, ApiError> {
 }
 
 fn respond(state: &AppState, rx: mpsc::Receiver<Frame>, ids: Ids) -> Response {
-    let retry = Event::default().retry(state.config.retry);
-    let events = stream::once(async move { Ok::<_, Infallible>(retry) }).chain(
-        ReceiverStream::new(rx).map(move |frame| Ok::<_, Infallible>(sse_event(frame, ids))),
-    );
+    let retry = state.config.retry;
+    let token = state.supervisor.token().clone();
+    let events = stream::once(async move { Ok::<_, Infallible>(Event::default().retry(retry)) })
+        .chain(ReceiverStream::new(rx).map(move |frame| Ok(sse_event(frame, ids))))
+        // A stream ended by shutdown says when to come back; EventSource then resumes with
+        // Last-Event-ID against the restarted daemon.
+        .chain(
+            stream::once(async move { token.is_cancelled() }).filter_map(move |stopping| {
+                std::future::ready(stopping.then(|| Ok(Event::default().retry(retry))))
+            }),
+        );
     let body = warp::sse::keep_alive()
         .interval(state.config.keepalive)
         .text(" keepalive")

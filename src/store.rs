@@ -17,6 +17,8 @@
 //! it a [`Mutation`] that it applies in one sled transaction. Reads are free for anyone.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -86,6 +88,10 @@ pub struct Heads {
     /// Highest log offset dropped with a tombstone: a multi-job stream resuming before it
     /// cannot know what it missed.
     pub log_floor: u64,
+    /// Events retained, all jobs together.
+    pub events: u64,
+    /// Jobs in the store.
+    pub jobs: u64,
 }
 
 /// Everything one group commit changes, applied atomically by [`Store::commit`].
@@ -98,9 +104,34 @@ pub struct Mutation {
     pub heads: Option<Heads>,
 }
 
+/// Faults to inject at the store boundary, for tests and failure drills (`--fault`, hidden).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Faults {
+    /// After this many flushes, every flush hangs: a wedged disk.
+    pub stall_flush_after: Option<u64>,
+}
+
+impl std::str::FromStr for Faults {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Faults, String> {
+        match s.split_once('=') {
+            Some(("stall-flush-after", n)) => n
+                .parse()
+                .map(|n| Faults {
+                    stall_flush_after: Some(n),
+                })
+                .map_err(|_| format!("{s:?}: expected stall-flush-after=N")),
+            _ => Err(format!("{s:?}: the known fault is stall-flush-after=N")),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
+    faults: Faults,
+    flushes: Arc<AtomicU64>,
     jobs: sled::Tree,
     events: sled::Tree,
     log: sled::Tree,
@@ -111,10 +142,12 @@ pub struct Store {
 const META_OFFSET: &[u8] = b"offset";
 const META_NUM: &[u8] = b"num";
 const META_LOG_FLOOR: &[u8] = b"log_floor";
+const META_EVENTS: &[u8] = b"events";
+const META_JOBS: &[u8] = b"jobs";
 
 impl Store {
     /// Opens (or creates) the store in `dir`. `cache_bytes` bounds sled's page cache.
-    pub fn open(dir: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
+    pub fn open(dir: &Path, cache_bytes: u64, faults: Faults) -> Result<Store, StoreError> {
         let open_err = |source| StoreError::Open {
             path: dir.display().to_string(),
             source,
@@ -129,6 +162,8 @@ impl Store {
             .map_err(open_err)?;
         let tree = |name: &str| db.open_tree(name).map_err(open_err);
         Ok(Store {
+            faults,
+            flushes: Arc::default(),
             jobs: tree("jobs")?,
             events: tree("events")?,
             log: tree("log")?,
@@ -151,6 +186,8 @@ impl Store {
             offset: get(META_OFFSET)?,
             num: get(META_NUM)?,
             log_floor: get(META_LOG_FLOOR)?,
+            events: get(META_EVENTS)?,
+            jobs: get(META_JOBS)?,
         })
     }
 
@@ -295,6 +332,8 @@ impl Store {
             meta.insert(META_OFFSET, &codec::u64_key(h.offset));
             meta.insert(META_NUM, &codec::u64_key(h.num));
             meta.insert(META_LOG_FLOOR, &codec::u64_key(h.log_floor));
+            meta.insert(META_EVENTS, &codec::u64_key(h.events));
+            meta.insert(META_JOBS, &codec::u64_key(h.jobs));
         }
         (
             &self.jobs,
@@ -325,6 +364,14 @@ impl Store {
 
     /// Makes every committed write durable. Concurrent callers share sled's flush.
     pub async fn flush(&self) -> Result<(), StoreError> {
+        let n = self.flushes.fetch_add(1, Ordering::Relaxed);
+        if self
+            .faults
+            .stall_flush_after
+            .is_some_and(|after| n >= after)
+        {
+            std::future::pending::<()>().await;
+        }
         self.db
             .flush_async()
             .await
@@ -342,9 +389,14 @@ impl Store {
         self.db.size_on_disk().unwrap_or(0)
     }
 
-    /// Number of jobs (a full count; for metrics, not for hot paths).
-    pub fn job_count(&self) -> usize {
-        self.jobs.len()
+    /// Number of jobs (kept in the meta tree by the writer).
+    pub fn job_count(&self) -> u64 {
+        self.heads().map(|h| h.jobs).unwrap_or(0)
+    }
+
+    /// Number of retained events (kept in the meta tree by the writer).
+    pub fn event_count(&self) -> u64 {
+        self.heads().map(|h| h.events).unwrap_or(0)
     }
 }
 
@@ -459,7 +511,7 @@ mod tests {
     #[test]
     fn keys_sort_numerically_and_round_trip() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let store = Store::open(dir.path(), 1 << 20, Faults::default()).unwrap();
         let mut m = Mutation::default();
         for seq in [1u64, 2, 255, 256, 70_000] {
             m.events.push(((7, seq), Some(event("a", seq, seq))));
@@ -470,7 +522,7 @@ mod tests {
         m.heads = Some(Heads {
             offset: 99,
             num: 8,
-            log_floor: 0,
+            ..Heads::default()
         });
         store.commit(&m).unwrap();
         let seqs: Vec<u64> = store

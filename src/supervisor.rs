@@ -271,6 +271,7 @@ mod tests {
         assert!(text.contains("boom"), "{text}");
         let rendered = metrics.render(&crate::metrics::StoreGauges {
             jobs: 0,
+            events: 0,
             watched_jobs: 0,
             head_offset: 0,
             disk_bytes: 0,

@@ -445,6 +445,7 @@ impl<'a> Staged<'a> {
             Some(rec) => rec,
             None => {
                 self.heads.num += 1;
+                self.heads.jobs += 1;
                 JobRecord::new(self.heads.num, now)
             }
         };
@@ -469,6 +470,7 @@ impl<'a> Staged<'a> {
             );
             self.notices
                 .push(Notice::Event(Arc::new(EventMsg::new(&event, rec.num))));
+            self.heads.events += 1;
             self.events.insert((rec.num, event.seq), Some(event));
         }
         if let Some(finished_ms) = rec.finished_ms {
@@ -501,6 +503,7 @@ impl<'a> Staged<'a> {
             if let Some(Some(ev)) = self.events.remove(&(rec.num, seq)) {
                 rec.dropped_offset = rec.dropped_offset.max(ev.offset);
                 self.log.remove(&ev.offset);
+                self.heads.events = self.heads.events.saturating_sub(1);
             }
         }
         let stored = self
@@ -510,6 +513,7 @@ impl<'a> Staged<'a> {
             rec.dropped_offset = rec.dropped_offset.max(ev.offset);
             self.events.insert((rec.num, ev.seq), None);
             self.log.insert(ev.offset, None);
+            self.heads.events = self.heads.events.saturating_sub(1);
         }
         rec.first_seq = last_dropped + 1;
         Ok(())
@@ -529,12 +533,15 @@ impl<'a> Staged<'a> {
         for key in staged {
             if let Some(Some(ev)) = self.events.remove(&key) {
                 self.log.remove(&ev.offset);
+                self.heads.events = self.heads.events.saturating_sub(1);
             }
         }
         for ev in self.store.events_after(rec.num, 0, usize::MAX)? {
             self.events.insert((rec.num, ev.seq), None);
             self.log.insert(ev.offset, None);
+            self.heads.events = self.heads.events.saturating_sub(1);
         }
+        self.heads.jobs = self.heads.jobs.saturating_sub(1);
         if let Some(finished_ms) = rec.finished_ms {
             self.expiry.push((
                 (finished_ms + self.ttl_ms, Expiry::Job(job.to_owned())),

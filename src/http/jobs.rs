@@ -225,6 +225,7 @@ pub async fn history(job: String, query: String, state: AppState) -> Result<Resp
 pub fn metrics(state: &AppState) -> Response {
     let gauges = StoreGauges {
         jobs: state.src.store.job_count(),
+        events: state.src.store.event_count(),
         watched_jobs: state.src.hub.watched_jobs(),
         head_offset: state.src.writer.visible(),
         disk_bytes: state.src.store.size_on_disk(),

@@ -60,7 +60,11 @@ impl Daemon {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(progressd::run(listener, config, shutdown.clone()));
+        let task = tokio::spawn(progressd::run(
+            vec![progressd::Listener::Tcp(listener)],
+            config,
+            shutdown.clone(),
+        ));
         Daemon {
             addr,
             base: format!("http://{addr}"),
@@ -319,10 +323,16 @@ pub struct Process {
 impl Process {
     /// Starts `progressd serve` on `data_dir`, on a free port, with extra arguments.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Process {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_progressd"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_progressd"));
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
-            .args(extra)
+            .args(extra);
+        Process::spawn(cmd)
+    }
+
+    /// Runs `cmd` (a `progressd serve` of some form) and waits for its listening line.
+    pub fn spawn(mut cmd: Command) -> Process {
+        let mut child = cmd
             .env("RUST_LOG", "progressd=info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -343,9 +353,13 @@ impl Process {
             let line = logs
                 .recv_timeout(PATIENCE)
                 .expect("daemon did not report its address");
-            if let Some(rest) = line.split("addr=").nth(1) {
-                let addr = rest.split_whitespace().next().unwrap();
-                break addr.parse::<SocketAddr>().unwrap();
+            if let Some(rest) = line.split(" listen=").nth(1) {
+                let first = rest.split([' ', ',']).next().unwrap();
+                match first.parse::<SocketAddr>() {
+                    Ok(addr) => break addr,
+                    // A Unix socket: no TCP address to report.
+                    Err(_) => break SocketAddr::from(([127, 0, 0, 1], 0)),
+                }
             }
         };
         Process {
@@ -371,9 +385,22 @@ impl Process {
         self.child.wait().unwrap();
     }
 
-    /// Log lines so far.
+    /// Log lines since the last call.
     pub fn logs(&self) -> Vec<String> {
         self.logs.try_iter().collect()
+    }
+
+    /// SIGTERM, then the exit code and every log line up to the exit.
+    pub fn terminate_with_logs(mut self) -> (Option<i32>, Vec<String>) {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(status.success());
+        let code = self.child.wait().unwrap().code();
+        let mut lines = Vec::new();
+        while let Ok(line) = self.logs.recv_timeout(PATIENCE) {
+            lines.push(line);
+        }
+        (code, lines)
     }
 }
 
