@@ -29,6 +29,47 @@ pub enum Command {
     /// Validate the configuration (flags and PROGRESSD_* variables) and exit: 0 if it is
     /// good, 2 with a message if not. For `ExecStartPre=`.
     CheckConfig(ServeArgs),
+    /// Back up a running daemon: every job with its retained events, as JSON lines.
+    Export(ExportArgs),
+    /// Restore an export into an empty data directory (with the daemon stopped).
+    Import(ImportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The daemon to export from.
+    #[arg(long, env = "PROGRESSD_URL", default_value = "http://127.0.0.1:7700")]
+    pub url: String,
+    /// Write here instead of standard output.
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// Data directory to fill [default: $STATE_DIRECTORY if set, else ./progressd-data].
+    #[arg(long, env = "PROGRESSD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Finished jobs expire this long after they finished (as in `serve`).
+    #[arg(long, env = "PROGRESSD_FINISHED_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub finished_ttl: Duration,
+    /// The export to read; `-` for standard input.
+    pub file: PathBuf,
+}
+
+/// `--data-dir`, else systemd's `$STATE_DIRECTORY` (a colon-separated list; the first), else
+/// `./progressd-data`.
+pub fn data_dir(flag: Option<PathBuf>) -> PathBuf {
+    flag.unwrap_or_else(|| {
+        std::env::var_os("STATE_DIRECTORY")
+            .and_then(|v| {
+                v.to_str()
+                    .and_then(|s| s.split(':').next())
+                    .filter(|s| !s.is_empty())
+                    .map(PathBuf::from)
+            })
+            .unwrap_or_else(|| PathBuf::from("progressd-data"))
+    })
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -188,17 +229,7 @@ impl TryFrom<ServeArgs> for Config {
         if a.max_body < 1024 {
             return Err(ConfigError::MaxBody);
         }
-        // systemd sets STATE_DIRECTORY (a colon-separated list) for StateDirectory=.
-        let data_dir = a.data_dir.unwrap_or_else(|| {
-            std::env::var_os("STATE_DIRECTORY")
-                .and_then(|v| {
-                    v.to_str()
-                        .and_then(|s| s.split(':').next())
-                        .filter(|s| !s.is_empty())
-                        .map(PathBuf::from)
-                })
-                .unwrap_or_else(|| PathBuf::from("progressd-data"))
-        });
+        let data_dir = data_dir(a.data_dir);
         let gc_interval =
             (a.finished_ttl / 10).clamp(Duration::from_millis(50), Duration::from_secs(60));
         Ok(Config {
@@ -229,7 +260,9 @@ mod tests {
     fn parse(args: &[&str]) -> Result<Config, String> {
         let cli = Cli::try_parse_from(["progressd", "serve"].iter().chain(args))
             .map_err(|e| e.to_string())?;
-        let (Command::Serve(a) | Command::CheckConfig(a)) = cli.command;
+        let (Command::Serve(a) | Command::CheckConfig(a)) = cli.command else {
+            unreachable!("parse() is only given serve arguments")
+        };
         Config::try_from(a).map_err(|e| e.to_string())
     }
 

@@ -7,6 +7,7 @@
 //!
 //! | module           | owns                                                                   |
 //! |------------------|------------------------------------------------------------------------|
+//! | [`backup`]       | export (JSON lines, from a running daemon) and import (offline)        |
 //! | [`config`]       | the command line and the validated [`Config`]                          |
 //! | [`model`]        | job ids, updates, events, snapshots: validation and JSON shapes        |
 //! | [`store`]        | sled: trees, keys, encoding, one transaction per group commit          |
@@ -27,6 +28,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod backup;
 pub mod config;
 pub mod http;
 pub mod hub;

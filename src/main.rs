@@ -8,13 +8,116 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
 
-use progressd::config::{Cli, Command, LogFormat, ServeArgs};
+use std::io::Write;
+
+use progressd::config::{Cli, Command, ExportArgs, ImportArgs, LogFormat, ServeArgs};
 use progressd::{Config, Listener};
 
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
         Command::CheckConfig(args) => check_config(args),
+        Command::Export(args) => export(args),
+        Command::Import(args) => import(args),
+    }
+}
+
+/// `progressd export`: pages through `/v1/admin/export` into one JSON-lines file.
+fn export(args: ExportArgs) -> ExitCode {
+    let run = async {
+        let mut out: Box<dyn Write> = match &args.output {
+            Some(path) => Box::new(std::io::BufWriter::new(
+                std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?,
+            )),
+            None => Box::new(std::io::stdout().lock()),
+        };
+        let client = reqwest::Client::new();
+        let base = args.url.trim_end_matches('/');
+        let mut cursor: Option<String> = None;
+        let (mut jobs, mut lines) = (0u64, 0u64);
+        loop {
+            let mut req = client
+                .get(format!("{base}/v1/admin/export"))
+                .query(&[("limit", "100")]);
+            if let Some(c) = &cursor {
+                req = req.query(&[("cursor", c)]);
+            }
+            let res = req.send().await.map_err(|e| format!("{base}: {e}"))?;
+            if !res.status().is_success() {
+                let status = res.status();
+                return Err(format!(
+                    "{base}: {status}: {}",
+                    res.text().await.unwrap_or_default()
+                ));
+            }
+            let page = res.text().await.map_err(|e| format!("{base}: {e}"))?;
+            cursor = None;
+            for line in page.lines() {
+                let parsed: serde_json::Value =
+                    serde_json::from_str(line).map_err(|e| format!("bad export line: {e}"))?;
+                match parsed["type"].as_str() {
+                    Some("next") => {
+                        cursor = parsed["cursor"].as_str().map(str::to_owned);
+                        continue;
+                    }
+                    Some("job") => jobs += 1,
+                    _ => {}
+                }
+                lines += 1;
+                writeln!(out, "{line}").map_err(|e| e.to_string())?;
+            }
+            if cursor.is_none() {
+                break;
+            }
+        }
+        out.flush().map_err(|e| e.to_string())?;
+        Ok::<_, String>((jobs, lines))
+    };
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(|rt| rt.block_on(run))
+    {
+        Ok((jobs, lines)) => {
+            eprintln!("progressd: exported {jobs} jobs ({lines} lines)");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("progressd export: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `progressd import`: restores an export into an empty data directory, offline.
+fn import(args: ImportArgs) -> ExitCode {
+    let dir = progressd::config::data_dir(args.data_dir);
+    let result = (|| -> Result<(u64, u64), String> {
+        let store = progressd::store::Store::open(&dir, 64 * 1024 * 1024, Default::default())
+            .map_err(|e| format!("{e} (is a daemon running on it?)"))?;
+        let input: Box<dyn std::io::BufRead> = if args.file.as_os_str() == "-" {
+            Box::new(std::io::stdin().lock())
+        } else {
+            Box::new(std::io::BufReader::new(
+                std::fs::File::open(&args.file)
+                    .map_err(|e| format!("{}: {e}", args.file.display()))?,
+            ))
+        };
+        progressd::backup::import(&store, input, args.finished_ttl).map_err(|e| e.to_string())
+    })();
+    match result {
+        Ok((jobs, events)) => {
+            eprintln!(
+                "progressd: imported {jobs} jobs and {events} events into {}",
+                dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("progressd import: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

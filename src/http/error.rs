@@ -128,6 +128,13 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<crate::backup::BackupError> for ApiError {
+    fn from(e: crate::backup::BackupError) -> ApiError {
+        error!(error = %e, "export failed");
+        ApiError::Unavailable
+    }
+}
+
 impl From<SubscriptionError> for ApiError {
     fn from(e: SubscriptionError) -> ApiError {
         match e {

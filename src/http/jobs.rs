@@ -221,6 +221,27 @@ pub async fn history(job: String, query: String, state: AppState) -> Result<Resp
     Ok(json_response(StatusCode::OK, body))
 }
 
+/// GET /v1/admin/export?cursor=&limit=
+pub async fn export(query: String, state: AppState) -> Result<Response, ApiError> {
+    let pairs = query_pairs(&query);
+    let limit = limit(query_value(&pairs, "limit"))?;
+    let cursor = match query_value(&pairs, "cursor") {
+        None | Some("") => None,
+        Some(c) => Some(
+            crate::model::JobId::parse(c)
+                .map_err(|_| ApiError::InvalidCursor(c.chars().take(140).collect()))?,
+        ),
+    };
+    let (page, _) = crate::backup::export_page(
+        &state.src.store,
+        &state.src.writer,
+        cursor.as_ref().map(|c| c.as_str()),
+        limit,
+    )
+    .await?;
+    Ok(warp::reply::with_header(page, "content-type", "application/x-ndjson").into_response())
+}
+
 /// GET /metrics
 pub fn metrics(state: &AppState) -> Response {
     let gauges = StoreGauges {

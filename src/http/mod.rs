@@ -48,7 +48,9 @@ pub fn routes(
         .unify()
         .or(stream(state.clone()))
         .unify()
-        .or(ws_many(state))
+        .or(ws_many(state.clone()))
+        .unify()
+        .or(export(state))
         .unify()
         .recover(error::recover)
         .unify()
@@ -177,6 +179,15 @@ fn ws_many(state: AppState) -> impl Filter<Extract = (Response,), Error = warp::
         .and(with_state(state))
         .and(ws::upgrade())
         .map(ws::many_session)
+}
+
+/// GET /v1/admin/export?cursor=&limit=  (a page of the backup, as JSON lines)
+fn export(state: AppState) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    warp::path!("v1" / "admin" / "export")
+        .and(warp::get())
+        .and(raw_query())
+        .and(with_state(state))
+        .and_then(|query, state| handle!(jobs::export(query, state)))
 }
 
 /// A job id from a path segment: percent-decoded (browsers send `:` as `%3A`), then validated.
