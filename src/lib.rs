@@ -114,7 +114,7 @@ fn open_store(config: &Config) -> Result<Store, StoreError> {
             let _ = done_tx.send(Store::open(
                 &config.data_dir,
                 config.cache_bytes,
-                config.faults,
+                config.faults.clone(),
             ));
         });
         loop {

@@ -17,7 +17,7 @@
 //! it a [`Mutation`] that it applies in one sled transaction. Reads are free for anyone.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -29,11 +29,12 @@ use crate::model::{Event, JobRecord, Status};
 
 #[derive(Debug, Error)]
 pub enum StoreError {
-    #[error("store: open {path}: {source}")]
+    #[error("store: cannot open {path}: {source}; {hint}")]
     Open {
         path: String,
         #[source]
         source: sled::Error,
+        hint: &'static str,
     },
     #[error("store: {op}: {source}")]
     Sled {
@@ -105,25 +106,47 @@ pub struct Mutation {
 }
 
 /// Faults to inject at the store boundary, for tests and failure drills (`--fault`, hidden).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Faults {
+/// Shared: a test holding a clone can switch them while the daemon runs.
+#[derive(Clone, Debug, Default)]
+pub struct Faults(Arc<FaultState>);
+
+#[derive(Debug, Default)]
+struct FaultState {
     /// After this many flushes, every flush hangs: a wedged disk.
-    pub stall_flush_after: Option<u64>,
+    stall_flush_after: Option<u64>,
+    /// Every commit fails, as on a full disk or an I/O error.
+    fail_writes: AtomicBool,
+}
+
+impl Faults {
+    pub fn set_fail_writes(&self, fail: bool) {
+        self.0.fail_writes.store(fail, Ordering::SeqCst);
+    }
 }
 
 impl std::str::FromStr for Faults {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Faults, String> {
-        match s.split_once('=') {
-            Some(("stall-flush-after", n)) => n
-                .parse()
-                .map(|n| Faults {
-                    stall_flush_after: Some(n),
-                })
-                .map_err(|_| format!("{s:?}: expected stall-flush-after=N")),
-            _ => Err(format!("{s:?}: the known fault is stall-flush-after=N")),
-        }
+        let state = match s.split_once('=') {
+            Some(("stall-flush-after", n)) => FaultState {
+                stall_flush_after: Some(
+                    n.parse()
+                        .map_err(|_| format!("{s:?}: expected stall-flush-after=N"))?,
+                ),
+                ..FaultState::default()
+            },
+            _ if s == "fail-writes" => FaultState {
+                fail_writes: AtomicBool::new(true),
+                ..FaultState::default()
+            },
+            _ => {
+                return Err(format!(
+                    "{s:?}: known faults are stall-flush-after=N and fail-writes"
+                ))
+            }
+        };
+        Ok(Faults(Arc::new(state)))
     }
 }
 
@@ -148,8 +171,9 @@ const META_JOBS: &[u8] = b"jobs";
 impl Store {
     /// Opens (or creates) the store in `dir`. `cache_bytes` bounds sled's page cache.
     pub fn open(dir: &Path, cache_bytes: u64, faults: Faults) -> Result<Store, StoreError> {
-        let open_err = |source| StoreError::Open {
+        let open_err = |source: sled::Error| StoreError::Open {
             path: dir.display().to_string(),
+            hint: open_hint(&source),
             source,
         };
         let db = sled::Config::new()
@@ -295,6 +319,12 @@ impl Store {
 
     /// Applies a mutation in one transaction: a crash keeps all of it or none of it.
     pub fn commit(&self, m: &Mutation) -> Result<(), StoreError> {
+        if self.faults.0.fail_writes.load(Ordering::SeqCst) {
+            return Err(StoreError::Sled {
+                op: "commit",
+                source: sled::Error::Io(std::io::Error::other("injected write failure")),
+            });
+        }
         let mut jobs = sled::Batch::default();
         for (key, rec) in &m.jobs {
             match rec {
@@ -367,6 +397,7 @@ impl Store {
         let n = self.flushes.fetch_add(1, Ordering::Relaxed);
         if self
             .faults
+            .0
             .stall_flush_after
             .is_some_and(|after| n >= after)
         {
@@ -397,6 +428,27 @@ impl Store {
     /// Number of retained events (kept in the meta tree by the writer).
     pub fn event_count(&self) -> u64 {
         self.heads().map(|h| h.events).unwrap_or(0)
+    }
+}
+
+/// What an operator should do when the store cannot be opened. progressd itself never
+/// deletes or "repairs" a data directory.
+fn open_hint(e: &sled::Error) -> &'static str {
+    match e {
+        sled::Error::Io(io) if io.kind() == std::io::ErrorKind::PermissionDenied => {
+            "the daemon's user cannot read or write it: fix its ownership or permissions"
+        }
+        sled::Error::Io(_) => {
+            "another process may hold it (sled locks its directory: stop the other progressd or \
+             give this one its own --data-dir), or the disk refused: check space and permissions"
+        }
+        sled::Error::Corruption { .. }
+        | sled::Error::ReportableBug(_)
+        | sled::Error::Unsupported(_)
+        | sled::Error::CollectionNotFound(_) => {
+            "its files are damaged: keep them for analysis, and restore the last export into an \
+             empty directory with `progressd import` (progressd never repairs or deletes data)"
+        }
     }
 }
 

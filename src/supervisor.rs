@@ -167,6 +167,12 @@ impl Supervisor {
         });
     }
 
+    /// A service reports that it works again (it made progress after failures), so the
+    /// daemon is ready again without waiting for the service to have stayed up a while.
+    pub fn recovered(&self, name: &'static str) {
+        self.health.set_failing(name, false);
+    }
+
     /// Cancels everything and waits for the tasks, at most `grace`. Returns whether they
     /// all ended in time.
     pub async fn shutdown(&self, grace: Duration) -> bool {

@@ -184,6 +184,7 @@ pub fn start(
         rx: Mutex::new(rx),
         visible: visible_tx,
         stop: stop.clone(),
+        supervisor: supervisor.clone(),
     });
     let run = Arc::clone(&core);
     supervisor.service("writer", move || Arc::clone(&run).run());
@@ -204,6 +205,7 @@ struct Core {
     rx: Mutex<mpsc::Receiver<Command>>,
     visible: watch::Sender<u64>,
     stop: CancellationToken,
+    supervisor: Supervisor,
 }
 
 impl Core {
@@ -301,6 +303,8 @@ impl Core {
                 self.store.flush().await?;
                 self.metrics.flushes.fetch_add(1, Relaxed);
             }
+            // Writes work (again): ready, if earlier failures had made us not-ready.
+            self.supervisor.recovered("writer");
             *heads = new_heads;
             // Visible before published: a subscriber that sees a notice can always read it.
             self.visible.send_replace(heads.offset);
