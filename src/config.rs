@@ -127,6 +127,10 @@ pub struct ServeArgs {
     /// Largest request body, in bytes (chunked bodies included).
     #[arg(long, env = "PROGRESSD_MAX_BODY", default_value_t = 64 * 1024)]
     pub max_body: usize,
+    /// How long a publish's Idempotency-Key is remembered: a repeat within it appends
+    /// nothing and gets the first answer.
+    #[arg(long, env = "PROGRESSD_IDEMPOTENCY_WINDOW", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub idempotency_window: Duration,
     /// Grace period for shutdown; past it the daemon warns and exits anyway.
     #[arg(long, env = "PROGRESSD_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
@@ -172,6 +176,7 @@ pub struct Config {
     pub retry: Duration,
     pub max_data: usize,
     pub max_body: usize,
+    pub idempotency_window: Duration,
     pub shutdown_timeout: Duration,
     pub cache_bytes: u64,
     /// How often retention looks for expired jobs.
@@ -199,6 +204,7 @@ impl Config {
             retry: Duration::from_secs(2),
             max_data: 16 * 1024,
             max_body: 64 * 1024,
+            idempotency_window: Duration::from_secs(600),
             shutdown_timeout: Duration::from_secs(10),
             cache_bytes: 64 * 1024 * 1024,
             gc_interval: Duration::from_secs(1),
@@ -244,6 +250,7 @@ impl TryFrom<ServeArgs> for Config {
             retry: a.retry,
             max_data: a.max_data,
             max_body: a.max_body,
+            idempotency_window: a.idempotency_window,
             shutdown_timeout: a.shutdown_timeout,
             cache_bytes: a.cache_bytes,
             gc_interval,

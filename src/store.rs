@@ -8,8 +8,9 @@
 //! | `jobs`   | job id                                | [`JobRecord`] (the snapshot)  |
 //! | `events` | job num (8) + seq (8)                 | [`Event`]                     |
 //! | `log`    | offset (8)                            | [`LogEntry`]                  |
-//! | `expiry` | due ms (8) + kind (1) + job/offset    | empty                         |
+//! | `expiry` | due ms (8) + kind (1) + job/offset/…  | empty                         |
 //! | `meta`   | name                                  | u64                           |
+//! | `idem`   | job id + 0 + idempotency key          | [`Remembered`] answer         |
 //!
 //! Values are encoded with bincode in [`codec`], the one place that knows the encoding.
 //!
@@ -77,6 +78,16 @@ pub enum Expiry {
     Job(String),
     /// The tombstone of a removed job at this log offset.
     Tombstone(u64),
+    /// The remembered answer to an idempotency key of a job.
+    Idempotency { job: String, key: String },
+}
+
+/// The answer given to a publish with an idempotency key, remembered for the window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Remembered {
+    pub seq: u64,
+    pub offset: u64,
+    pub at_ms: u64,
 }
 
 /// Counters kept in the meta tree.
@@ -102,6 +113,7 @@ pub struct Mutation {
     pub events: Vec<((u64, u64), Option<Event>)>,
     pub log: Vec<(u64, Option<LogEntry>)>,
     pub expiry: Vec<((u64, Expiry), bool)>,
+    pub idem: Vec<((String, String), Option<Remembered>)>,
     pub heads: Option<Heads>,
 }
 
@@ -160,6 +172,7 @@ pub struct Store {
     log: sled::Tree,
     expiry: sled::Tree,
     meta: sled::Tree,
+    idem: sled::Tree,
 }
 
 const META_OFFSET: &[u8] = b"offset";
@@ -193,6 +206,7 @@ impl Store {
             log: tree("log")?,
             expiry: tree("expiry")?,
             meta: tree("meta")?,
+            idem: tree("idem")?,
             db,
         })
     }
@@ -262,6 +276,27 @@ impl Store {
             .map(|item| {
                 let (key, value) = item.map_err(StoreError::sled("scan jobs"))?;
                 Ok((codec::string_from(&key)?, codec::decode("job", &value)?))
+            })
+            .collect()
+    }
+
+    /// The remembered answer to idempotency key `key` of `job`, if any.
+    pub fn remembered(&self, job: &str, key: &str) -> Result<Option<Remembered>, StoreError> {
+        self.idem
+            .get(codec::idem_key(job, key))
+            .map_err(StoreError::sled("read idempotency key"))?
+            .map(|v| codec::decode("idempotency record", &v))
+            .transpose()
+    }
+
+    /// Every idempotency key remembered for `job`.
+    pub fn remembered_keys(&self, job: &str) -> Result<Vec<String>, StoreError> {
+        let prefix = codec::idem_key(job, "");
+        self.idem
+            .scan_prefix(&prefix)
+            .map(|item| {
+                let (k, _) = item.map_err(StoreError::sled("scan idempotency keys"))?;
+                codec::string_from(&k[prefix.len()..])
             })
             .collect()
     }
@@ -357,6 +392,14 @@ impl Store {
                 expiry.remove(key);
             }
         }
+        let mut idem = sled::Batch::default();
+        for ((job, key), answer) in &m.idem {
+            let k = codec::idem_key(job, key);
+            match answer {
+                Some(a) => idem.insert(k, codec::encode("idempotency record", a)?),
+                None => idem.remove(k),
+            }
+        }
         let mut meta = sled::Batch::default();
         if let Some(h) = m.heads {
             meta.insert(META_OFFSET, &codec::u64_key(h.offset));
@@ -371,13 +414,15 @@ impl Store {
             &self.log,
             &self.expiry,
             &self.meta,
+            &self.idem,
         )
-            .transaction(|(tj, te, tl, tx, tm)| {
+            .transaction(|(tj, te, tl, tx, tm, ti)| {
                 tj.apply_batch(&jobs)?;
                 te.apply_batch(&events)?;
                 tl.apply_batch(&log)?;
                 tx.apply_batch(&expiry)?;
                 tm.apply_batch(&meta)?;
+                ti.apply_batch(&idem)?;
                 Ok::<(), ConflictableTransactionError<()>>(())
             })
             .map_err(|e| match e {
@@ -508,6 +553,17 @@ mod codec {
 
     const EXPIRE_JOB: u8 = b'J';
     const EXPIRE_TOMBSTONE: u8 = b'T';
+    const EXPIRE_IDEMPOTENCY: u8 = b'I';
+
+    /// Job ids hold no 0 byte, so `job 0 key` splits unambiguously and a job's keys share
+    /// the prefix `job 0`.
+    pub fn idem_key(job: &str, key: &str) -> Vec<u8> {
+        let mut k = Vec::with_capacity(job.len() + 1 + key.len());
+        k.extend_from_slice(job.as_bytes());
+        k.push(0);
+        k.extend_from_slice(key.as_bytes());
+        k
+    }
 
     pub fn expiry_key(due: u64, what: &Expiry) -> Vec<u8> {
         let mut key = due.to_be_bytes().to_vec();
@@ -519,6 +575,10 @@ mod codec {
             Expiry::Tombstone(offset) => {
                 key.push(EXPIRE_TOMBSTONE);
                 key.extend_from_slice(&offset.to_be_bytes());
+            }
+            Expiry::Idempotency { job, key: idem } => {
+                key.push(EXPIRE_IDEMPOTENCY);
+                key.extend_from_slice(&idem_key(job, idem));
             }
         }
         key
@@ -536,6 +596,14 @@ mod codec {
         let what = match key[8] {
             EXPIRE_JOB => Expiry::Job(string_from(&key[9..])?),
             EXPIRE_TOMBSTONE if key.len() == 17 => Expiry::Tombstone(u64_from(&key[9..])),
+            EXPIRE_IDEMPOTENCY => {
+                let rest = &key[9..];
+                let split = rest.iter().position(|b| *b == 0).ok_or_else(bad)?;
+                Expiry::Idempotency {
+                    job: string_from(&rest[..split])?,
+                    key: string_from(&rest[split + 1..])?,
+                }
+            }
             _ => return Err(bad()),
         };
         Ok((due, what))
@@ -571,6 +639,11 @@ mod tests {
         m.events.push(((8, 1), Some(event("b", 1, 99))));
         m.expiry.push(((5, Expiry::Job("a".into())), true));
         m.expiry.push(((3, Expiry::Tombstone(9)), true));
+        let idem = Expiry::Idempotency {
+            job: "a".into(),
+            key: "k-1".into(),
+        };
+        m.expiry.push(((7, idem.clone()), true));
         m.heads = Some(Heads {
             offset: 99,
             num: 8,
@@ -587,7 +660,11 @@ mod tests {
         assert_eq!(store.heads().unwrap().offset, 99);
         assert_eq!(
             store.due(10, 10).unwrap(),
-            vec![(3, Expiry::Tombstone(9)), (5, Expiry::Job("a".into()))]
+            vec![
+                (3, Expiry::Tombstone(9)),
+                (5, Expiry::Job("a".into())),
+                (7, idem)
+            ]
         );
         assert_eq!(store.due(4, 10).unwrap().len(), 1);
     }

@@ -28,7 +28,7 @@ use crate::config::{Config, Durability};
 use crate::hub::{EventMsg, Hub, Notice};
 use crate::metrics::Metrics;
 use crate::model::{now_ms, Change, Event, JobId, JobRecord};
-use crate::store::{Expiry, Heads, LogEntry, Mutation, Store, StoreError};
+use crate::store::{Expiry, Heads, LogEntry, Mutation, Remembered, Store, StoreError};
 use crate::supervisor::Supervisor;
 
 /// Commands taken in one drain, at most.
@@ -44,6 +44,9 @@ const QUEUE: usize = 1024;
 pub struct Appended {
     pub seq: u64,
     pub offset: u64,
+    /// A repeat of an idempotency key: this is the first attempt's answer; nothing was
+    /// appended.
+    pub replayed: bool,
 }
 
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
@@ -64,6 +67,7 @@ enum Command {
     Append {
         job: JobId,
         changes: Vec<Change>,
+        key: Option<String>,
         reply: oneshot::Sender<Result<Appended, WriteError>>,
     },
     Delete {
@@ -96,11 +100,19 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Appends `changes` (one update or a batch) to `job`, all or nothing.
-    pub async fn append(&self, job: JobId, changes: Vec<Change>) -> Result<Appended, WriteError> {
+    /// Appends `changes` (one update or a batch) to `job`, all or nothing. With an
+    /// idempotency `key` already used for this job within the window, appends nothing and
+    /// answers what the first attempt was answered.
+    pub async fn append(
+        &self,
+        job: JobId,
+        changes: Vec<Change>,
+        key: Option<String>,
+    ) -> Result<Appended, WriteError> {
         self.call(|reply| Command::Append {
             job,
             changes,
+            key,
             reply,
         })
         .await?
@@ -179,6 +191,7 @@ pub fn start(
         durability: config.durability,
         history: config.history,
         finished_ttl_ms: config.finished_ttl.as_millis() as u64,
+        idem_window_ms: config.idempotency_window.as_millis() as u64,
         // Held by one run at a time, across its awaits; a restarted run takes it over with
         // whatever was queued meanwhile.
         rx: Mutex::new(rx),
@@ -202,6 +215,7 @@ struct Core {
     durability: Durability,
     history: u64,
     finished_ttl_ms: u64,
+    idem_window_ms: u64,
     rx: Mutex<mpsc::Receiver<Command>>,
     visible: watch::Sender<u64>,
     stop: CancellationToken,
@@ -264,7 +278,13 @@ impl Core {
     /// Stages a drain, commits it, flushes (sync), publishes, answers.
     async fn process(&self, heads: &mut Heads, drain: Vec<Command>) -> Result<(), WriterError> {
         let now = now_ms();
-        let mut staged = Staged::new(&self.store, *heads, self.history, self.finished_ttl_ms);
+        let mut staged = Staged::new(
+            &self.store,
+            *heads,
+            self.history,
+            self.finished_ttl_ms,
+            self.idem_window_ms,
+        );
         let mut appends = Vec::new();
         let mut deletes = Vec::new();
         let mut expiries = Vec::new();
@@ -274,8 +294,9 @@ impl Core {
                 Command::Append {
                     job,
                     changes,
+                    key,
                     reply,
-                } => match staged.append(&job, changes, now)? {
+                } => match staged.append(&job, changes, key, now)? {
                     Ok((appended, count)) => appends.push((reply, appended, count)),
                     Err(e) => {
                         self.metrics.publish_rejected.fetch_add(1, Relaxed);
@@ -387,6 +408,8 @@ struct Staged<'a> {
     heads: Heads,
     history: u64,
     ttl_ms: u64,
+    idem_window_ms: u64,
+    idem: BTreeMap<(String, String), Option<Remembered>>,
     jobs: HashMap<String, (Option<JobRecord>, bool)>,
     events: BTreeMap<(u64, u64), Option<Event>>,
     log: BTreeMap<u64, Option<LogEntry>>,
@@ -396,12 +419,20 @@ struct Staged<'a> {
 }
 
 impl<'a> Staged<'a> {
-    fn new(store: &'a Store, heads: Heads, history: u64, ttl_ms: u64) -> Staged<'a> {
+    fn new(
+        store: &'a Store,
+        heads: Heads,
+        history: u64,
+        ttl_ms: u64,
+        idem_window_ms: u64,
+    ) -> Staged<'a> {
         Staged {
             store,
             heads,
             history,
             ttl_ms,
+            idem_window_ms,
+            idem: BTreeMap::new(),
             jobs: HashMap::new(),
             events: BTreeMap::new(),
             log: BTreeMap::new(),
@@ -432,8 +463,21 @@ impl<'a> Staged<'a> {
         &mut self,
         job: &JobId,
         changes: Vec<Change>,
+        key: Option<String>,
         now: u64,
     ) -> Result<Result<(Appended, u64), WriteError>, StoreError> {
+        if let Some(key) = &key {
+            if let Some(r) = self.remembered(job.as_str(), key, now)? {
+                return Ok(Ok((
+                    Appended {
+                        seq: r.seq,
+                        offset: r.offset,
+                        replayed: true,
+                    },
+                    0,
+                )));
+            }
+        }
         let current = self.job(job.as_str())?;
         let finished = current.as_ref().is_some_and(JobRecord::is_finished);
         // A terminal status anywhere but last would put updates after it: refuse the batch.
@@ -487,9 +531,37 @@ impl<'a> Staged<'a> {
         let appended = Appended {
             seq: rec.seq,
             offset: rec.last_offset,
+            replayed: false,
         };
+        if let Some(key) = key {
+            let answer = Remembered {
+                seq: appended.seq,
+                offset: appended.offset,
+                at_ms: now,
+            };
+            self.expiry.push((
+                (
+                    now + self.idem_window_ms,
+                    Expiry::Idempotency {
+                        job: job.to_string(),
+                        key: key.clone(),
+                    },
+                ),
+                true,
+            ));
+            self.idem.insert((job.to_string(), key), Some(answer));
+        }
         self.put_job(job.as_str(), Some(rec));
         Ok(Ok((appended, count)))
+    }
+
+    /// The answer remembered for `key` of `job`, if still within the window.
+    fn remembered(&self, job: &str, key: &str, now: u64) -> Result<Option<Remembered>, StoreError> {
+        let r = match self.idem.get(&(job.to_owned(), key.to_owned())) {
+            Some(staged) => *staged,
+            None => self.store.remembered(job, key)?,
+        };
+        Ok(r.filter(|r| r.at_ms + self.idem_window_ms > now))
     }
 
     /// Drops the oldest events beyond `history`, whether already stored or staged in this
@@ -546,6 +618,19 @@ impl<'a> Staged<'a> {
             self.heads.events = self.heads.events.saturating_sub(1);
         }
         self.heads.jobs = self.heads.jobs.saturating_sub(1);
+        // Its idempotency keys go with it (their expiries then find nothing).
+        let staged_keys: Vec<String> = self
+            .idem
+            .keys()
+            .filter(|(j, _)| j == job)
+            .map(|(_, k)| k.clone())
+            .collect();
+        for key in staged_keys
+            .into_iter()
+            .chain(self.store.remembered_keys(job)?)
+        {
+            self.idem.insert((job.to_owned(), key), None);
+        }
         if let Some(finished_ms) = rec.finished_ms {
             self.expiry.push((
                 (finished_ms + self.ttl_ms, Expiry::Job(job.to_owned())),
@@ -590,6 +675,12 @@ impl<'a> Staged<'a> {
                 self.log.insert(offset, None);
                 self.heads.log_floor = self.heads.log_floor.max(offset);
             }
+            Expiry::Idempotency { job, key } => {
+                // Only if the key was not used again since (a later use has its own expiry).
+                if self.remembered(&job, &key, now)?.is_none() {
+                    self.idem.insert((job, key), None);
+                }
+            }
         }
         Ok(())
     }
@@ -605,6 +696,7 @@ impl<'a> Staged<'a> {
             events: self.events.into_iter().collect(),
             log: self.log.into_iter().collect(),
             expiry: self.expiry,
+            idem: self.idem.into_iter().collect(),
             heads: Some(self.heads),
         };
         (mutation, self.notices, self.heads)

@@ -247,7 +247,7 @@ async fn run_model(ops: Vec<Op>, sync: bool) -> (u64, u64) {
                     })
                     .collect();
                 let id = JobId::parse(&job_name(job)).unwrap();
-                let ack = src.writer.append(id, changes).await.unwrap();
+                let ack = src.writer.append(id, changes, None).await.unwrap();
                 jobs[job].published += n as u64;
                 assert_eq!(ack.seq, jobs[job].published, "seqs are dense");
                 assert!(ack.offset > head, "offsets increase");
@@ -264,7 +264,7 @@ async fn run_model(ops: Vec<Op>, sync: bool) -> (u64, u64) {
                 .validate(1024)
                 .unwrap();
                 let id = JobId::parse(&job_name(job)).unwrap();
-                let ack = src.writer.append(id, vec![change]).await.unwrap();
+                let ack = src.writer.append(id, vec![change], None).await.unwrap();
                 jobs[job].published += 1;
                 jobs[job].finished = true;
                 head = ack.offset;

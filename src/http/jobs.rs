@@ -8,7 +8,8 @@ use std::pin::pin;
 use bytes::{Buf, BufMut, BytesMut};
 use futures_util::{Stream, StreamExt};
 use serde::de::IgnoredAny;
-use warp::http::StatusCode;
+use warp::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use warp::http::{HeaderMap, HeaderValue, StatusCode};
 use warp::reply::{Reply, Response};
 
 use super::error::ApiError;
@@ -23,8 +24,7 @@ const MAX_LIMIT: usize = 1000;
 /// POST /v1/jobs/{job}/events
 pub async fn publish<S, B>(
     job: String,
-    content_type: Option<String>,
-    content_length: Option<u64>,
+    headers: PublishHeaders,
     body: S,
     state: AppState,
 ) -> Result<Response, ApiError>
@@ -33,24 +33,69 @@ where
     B: Buf,
 {
     let job = job_from_path(&job)?;
-    if !is_json(content_type.as_deref()) {
+    if !is_json(headers.content_type.as_ref().and_then(|v| v.to_str().ok())) {
         return Err(ApiError::UnsupportedMediaType);
     }
+    let key = headers
+        .idempotency_key
+        .as_ref()
+        .map(idempotency_key)
+        .transpose()?;
     let max = state.config.max_body;
-    if content_length.is_some_and(|n| n > max as u64) {
+    let declared = match &headers.content_length {
+        None => None,
+        Some(v) => Some(v.to_str().ok().and_then(parse_u64).ok_or_else(|| {
+            ApiError::InvalidBody("Content-Length must be a non-negative integer".into())
+        })?),
+    };
+    if declared.is_some_and(|n| n > max as u64) {
         return Err(ApiError::PayloadTooLarge(max));
     }
     let body = read_body(body, max).await?;
     let changes = parse_updates(&body, state.config.max_data)?;
-    let appended = state.src.writer.append(job.clone(), changes).await?;
+    let appended = state.src.writer.append(job.clone(), changes, key).await?;
     Ok(json_response(
-        StatusCode::CREATED,
+        // A repeat of an idempotency key: the first answer, nothing new created.
+        if appended.replayed {
+            StatusCode::OK
+        } else {
+            StatusCode::CREATED
+        },
         to_json_line(&serde_json::json!({
             "job": job.as_str(),
             "seq": appended.seq,
             "offset": appended.offset,
         })),
     ))
+}
+
+/// The headers a publish reads, as bytes.
+pub struct PublishHeaders {
+    pub content_type: Option<HeaderValue>,
+    pub content_length: Option<HeaderValue>,
+    pub idempotency_key: Option<HeaderValue>,
+}
+
+impl From<HeaderMap> for PublishHeaders {
+    fn from(mut h: HeaderMap) -> PublishHeaders {
+        PublishHeaders {
+            content_type: h.remove(CONTENT_TYPE),
+            content_length: h.remove(CONTENT_LENGTH),
+            idempotency_key: h.remove("idempotency-key"),
+        }
+    }
+}
+
+/// An `Idempotency-Key`: 1 to 255 visible ASCII characters.
+fn idempotency_key(raw: &HeaderValue) -> Result<String, ApiError> {
+    let bytes = raw.as_bytes();
+    if !bytes.is_empty() && bytes.len() <= 255 && bytes.iter().all(u8::is_ascii_graphic) {
+        Ok(String::from_utf8_lossy(bytes).into_owned())
+    } else {
+        Err(ApiError::InvalidBody(
+            "Idempotency-Key must be 1 to 255 visible ASCII characters".into(),
+        ))
+    }
 }
 
 /// `application/json`, any case, parameters allowed.

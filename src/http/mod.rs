@@ -100,13 +100,14 @@ fn job_events(
     state: AppState,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     let path = warp::path!("v1" / "jobs" / String / "events");
+    // Read raw, so that a header that is not valid text is our 400, not warp's rejection.
+    let headers = warp::header::headers_cloned().map(jobs::PublishHeaders::from);
     let publish = path
         .and(warp::post())
-        .and(warp::header::optional::<String>("content-type"))
-        .and(warp::header::optional::<u64>("content-length"))
+        .and(headers)
         .and(warp::body::stream())
         .and(with_state(state.clone()))
-        .and_then(|job, ct, len, body, state| handle!(jobs::publish(job, ct, len, body, state)));
+        .and_then(|job, headers, body, state| handle!(jobs::publish(job, headers, body, state)));
     let history = path
         .and(warp::get())
         .and(raw_query())
