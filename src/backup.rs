@@ -60,7 +60,7 @@ pub async fn export_page(
         })));
         out.push('\n');
     }
-    let (jobs, more) = store.list_jobs(cursor, "", None, limit)?;
+    let (jobs, more) = store.list_jobs(cursor, "", &|_, _| true, limit)?;
     for (job, _) in &jobs {
         let (reader, name) = (store.clone(), job.clone());
         let read = writer
@@ -181,7 +181,7 @@ pub fn import(
     finished_ttl: Duration,
 ) -> Result<(u64, u64), BackupError> {
     let existing = store.heads()?.jobs;
-    if existing > 0 || store.list_jobs(None, "", None, 1)?.0.len() == 1 {
+    if existing > 0 || store.list_jobs(None, "", &|_, _| true, 1)?.0.len() == 1 {
         return Err(BackupError::NotEmpty(existing.max(1)));
     }
     let ttl = finished_ttl.as_millis() as u64;

@@ -137,6 +137,21 @@ pub struct ServeArgs {
     /// Size of sled's page cache, in bytes.
     #[arg(long, env = "PROGRESSD_CACHE_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub cache_bytes: u64,
+    /// File holding the HS256 secret of the JWTs the application's backend mints. Without
+    /// it every request is allowed, which is only accepted on loopback and Unix sockets.
+    #[arg(long, env = "PROGRESSD_JWT_SECRET_FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+    /// Serve without tokens on a non-loopback address, on purpose.
+    #[arg(long, env = "PROGRESSD_ALLOW_ANONYMOUS")]
+    pub allow_anonymous: bool,
+    /// An origin (scheme://host[:port]) whose pages may call the API from a browser;
+    /// repeat for several. None by default.
+    #[arg(
+        long = "cors-origin",
+        env = "PROGRESSD_CORS_ORIGIN",
+        value_delimiter = ','
+    )]
+    pub cors_origins: Vec<String>,
     /// Inject a store fault, for tests and failure drills (e.g. stall-flush-after=3).
     #[arg(long, env = "PROGRESSD_FAULT", hide = true)]
     pub fault: Option<Faults>,
@@ -160,6 +175,12 @@ pub enum ConfigError {
     ZeroDuration(&'static str),
     #[error("--max-body must be at least 1024 bytes")]
     MaxBody,
+    #[error("--jwt-secret-file {path}: {reason}")]
+    JwtSecret { path: String, reason: String },
+    #[error("--cors-origin {0:?}: expected scheme://host[:port], e.g. https://app.example.com")]
+    CorsOrigin(String),
+    #[error(transparent)]
+    Exposed(#[from] crate::auth::ExposureError),
 }
 
 /// The validated configuration of `progressd serve`.
@@ -187,6 +208,10 @@ pub struct Config {
     pub all_channel: usize,
     /// Store faults to inject (tests and drills only).
     pub faults: Faults,
+    /// The HS256 secret of accepted JWTs; None: no auth.
+    pub jwt_secret: Option<Vec<u8>>,
+    pub allow_anonymous: bool,
+    pub cors_origins: Vec<String>,
 }
 
 impl Config {
@@ -211,6 +236,9 @@ impl Config {
             job_channel: 256,
             all_channel: 4096,
             faults: Faults::default(),
+            jwt_secret: None,
+            allow_anonymous: false,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -236,6 +264,33 @@ impl TryFrom<ServeArgs> for Config {
             return Err(ConfigError::MaxBody);
         }
         let data_dir = data_dir(a.data_dir);
+        let jwt_secret = match &a.jwt_secret_file {
+            None => None,
+            Some(path) => {
+                let bad = |reason: String| ConfigError::JwtSecret {
+                    path: path.display().to_string(),
+                    reason,
+                };
+                let text = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+                let secret = text.trim_ascii().to_vec();
+                if secret.len() < 32 {
+                    return Err(bad("the secret must be at least 32 bytes".into()));
+                }
+                Some(secret)
+            }
+        };
+        for origin in &a.cors_origins {
+            let ok = (origin.starts_with("http://") || origin.starts_with("https://"))
+                && origin
+                    .split("://")
+                    .nth(1)
+                    .is_some_and(|rest| !rest.is_empty() && !rest.contains('/'));
+            if !ok {
+                return Err(ConfigError::CorsOrigin(origin.clone()));
+            }
+        }
+        let auth = crate::auth::Auth::new(jwt_secret.as_deref());
+        crate::auth::check_exposure(&a.listen, &auth, a.allow_anonymous)?;
         let gc_interval =
             (a.finished_ttl / 10).clamp(Duration::from_millis(50), Duration::from_secs(60));
         Ok(Config {
@@ -255,6 +310,9 @@ impl TryFrom<ServeArgs> for Config {
             cache_bytes: a.cache_bytes,
             gc_interval,
             faults: a.fault.unwrap_or_default(),
+            jwt_secret,
+            allow_anonymous: a.allow_anonymous,
+            cors_origins: a.cors_origins,
             ..Config::new(PathBuf::new())
         })
     }

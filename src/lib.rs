@@ -7,6 +7,7 @@
 //!
 //! | module           | owns                                                                   |
 //! |------------------|------------------------------------------------------------------------|
+//! | [`auth`]         | JWT grants (publish/subscribe/admin) and the exposure check at start   |
 //! | [`backup`]       | export (JSON lines, from a running daemon) and import (offline)        |
 //! | [`config`]       | the command line and the validated [`Config`]                          |
 //! | [`model`]        | job ids, updates, events, snapshots: validation and JSON shapes        |
@@ -28,6 +29,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod backup;
 pub mod config;
 pub mod http;
@@ -56,6 +58,7 @@ use tracing::{info, warn};
 
 pub use config::Config;
 
+use auth::Auth;
 use hub::Hub;
 pub use listen::{ListenAddr, ListenError, Listener};
 use metrics::Metrics;
@@ -69,6 +72,8 @@ pub enum RunError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Listen(#[from] ListenError),
+    #[error(transparent)]
+    Exposed(#[from] auth::ExposureError),
 }
 
 /// Opens the store and starts the writer and retention under `supervisor`: the daemon
@@ -143,11 +148,14 @@ pub async fn run(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    let addrs: Vec<String> = listeners
-        .iter()
-        .filter_map(Listener::local_addr)
-        .map(|a| a.to_string())
-        .collect();
+    let bound: Vec<ListenAddr> = listeners.iter().filter_map(Listener::local_addr).collect();
+    // Checked on the sockets we really have: systemd may have passed other ones.
+    auth::check_exposure(
+        &bound,
+        &Auth::new(config.jwt_secret.as_deref()),
+        config.allow_anonymous,
+    )?;
+    let addrs: Vec<String> = bound.iter().map(ToString::to_string).collect();
     let metrics = Arc::new(Metrics::default());
     let supervisor = Supervisor::new(shutdown.clone(), Arc::clone(&metrics));
 
@@ -158,11 +166,13 @@ pub async fn run(
     let src = open(&config, &supervisor, writer_stop.clone())?;
     let store = src.store.clone();
 
+    let auth = Auth::new(config.jwt_secret.as_deref());
     let config = Arc::new(config);
     let state = http::AppState {
         src,
         config: Arc::clone(&config),
         supervisor: supervisor.clone(),
+        auth,
     };
     let probe = systemd::Probe {
         src: state.src.clone(),

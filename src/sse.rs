@@ -15,7 +15,9 @@ use warp::http::{HeaderValue, StatusCode};
 use warp::reply::{Reply, Response};
 use warp::sse::Event;
 
+use crate::auth::Grant;
 use crate::http::error::ApiError;
+use crate::http::jobs::forbidden;
 use crate::http::{job_from_path, query_pairs, query_value, resume_point, AppState};
 use crate::metrics::Transport;
 use crate::model::to_json_line;
@@ -36,11 +38,15 @@ enum Ids {
 /// GET /v1/jobs/{job}/stream
 pub async fn job_stream(
     job: String,
+    grant: Grant,
     last_event_id: Option<String>,
     query: String,
     state: AppState,
 ) -> Result<Response, ApiError> {
     let job = job_from_path(&job)?;
+    if !grant.can_subscribe(job.as_str()) {
+        return Err(forbidden("read", job.as_str()));
+    }
     let pairs = query_pairs(&query);
     let resume = resume_point(last_event_id.as_deref(), query_value(&pairs, "after"))?;
     let sub = match state.src.open_job(job, resume)? {
@@ -55,18 +61,19 @@ pub async fn job_stream(
         let _guard = guard;
         sub.run(src, tx, token).await
     });
-    Ok(respond(&state, rx, Ids::Seq))
+    Ok(respond(&state, rx, Ids::Seq, &grant))
 }
 
 /// GET /v1/stream?job=a&job=b | ?prefix=p
 pub async fn many_stream(
+    grant: Grant,
     last_event_id: Option<String>,
     query: String,
     state: AppState,
 ) -> Result<Response, ApiError> {
     let pairs = query_pairs(&query);
     let resume = resume_point(last_event_id.as_deref(), query_value(&pairs, "after"))?;
-    let filter = filter(&pairs)?;
+    let filter = filter(&pairs, &grant)?;
     let sub = state.src.open_many(filter, resume);
     let (tx, rx) = mpsc::channel(BUFFER);
     let guard = state.src.metrics.subscriber(Transport::Sse);
@@ -75,28 +82,46 @@ pub async fn many_stream(
         let _guard = guard;
         sub.run(src, tx, token).await
     });
-    Ok(respond(&state, rx, Ids::Offset))
+    Ok(respond(&state, rx, Ids::Offset, &grant))
 }
 
-/// `?job=` (repeatable, each validated) and `?prefix=`.
-pub fn filter(pairs: &[(String, String)]) -> Result<Filter, ApiError> {
+/// `?job=` (repeatable, each validated) and `?prefix=`, within what `grant` may read: a
+/// filter wholly outside it is refused; otherwise the stream only carries readable jobs.
+pub fn filter(pairs: &[(String, String)], grant: &Grant) -> Result<Filter, ApiError> {
     let mut jobs = None;
     for (_, v) in pairs.iter().filter(|(k, _)| k == "job") {
         let id = crate::model::JobId::parse(v)?;
+        if !grant.can_subscribe(id.as_str()) {
+            return Err(forbidden("read", id.as_str()));
+        }
         jobs.get_or_insert_with(std::collections::BTreeSet::new)
             .insert(id.as_str().to_owned());
     }
+    let prefix = query_value(pairs, "prefix").unwrap_or("");
+    if !grant.can_subscribe_under(prefix) {
+        return Err(forbidden("read jobs under", prefix));
+    }
     Ok(Filter {
         jobs,
-        prefix: query_value(pairs, "prefix").unwrap_or("").to_owned(),
+        prefix: prefix.to_owned(),
+        grant: grant.clone(),
     })
 }
 
-fn respond(state: &AppState, rx: mpsc::Receiver<Frame>, ids: Ids) -> Response {
+fn respond(state: &AppState, rx: mpsc::Receiver<Frame>, ids: Ids, grant: &Grant) -> Response {
     let retry = state.config.retry;
     let token = state.supervisor.token().clone();
+    // A stream lives no longer than its token: it just closes (no `end`: the job goes on).
+    let expiry = grant.remaining();
+    let expired = async move {
+        match expiry {
+            Some(left) => tokio::time::sleep(left).await,
+            None => std::future::pending().await,
+        }
+    };
     let events = stream::once(async move { Ok::<_, Infallible>(Event::default().retry(retry)) })
         .chain(ReceiverStream::new(rx).map(move |frame| Ok(sse_event(frame, ids))))
+        .take_until(expired)
         // A stream ended by shutdown says when to come back; EventSource then resumes with
         // Last-Event-ID against the restarted daemon.
         .chain(

@@ -26,7 +26,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 use thiserror::Error;
 
-use crate::model::{Event, JobRecord, Status};
+use crate::model::{Event, JobRecord};
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -237,13 +237,13 @@ impl Store {
             .transpose()
     }
 
-    /// Jobs in id order after `cursor`, matching `prefix` and `status`; at most `limit`, and
-    /// whether more follow.
+    /// Jobs in id order after `cursor`, starting with `prefix`, that `keep` keeps; at most
+    /// `limit`, and whether more follow.
     pub fn list_jobs(
         &self,
         cursor: Option<&str>,
         prefix: &str,
-        status: Option<Status>,
+        keep: &dyn Fn(&str, &JobRecord) -> bool,
         limit: usize,
     ) -> Result<(Vec<(String, JobRecord)>, bool), StoreError> {
         let iter = match cursor {
@@ -258,13 +258,14 @@ impl Store {
                 break;
             }
             let rec: JobRecord = codec::decode("job", &value)?;
-            if status.is_some_and(|s| s != rec.status) {
+            let job = codec::string_from(&key)?;
+            if !keep(&job, &rec) {
                 continue;
             }
             if out.len() == limit {
                 return Ok((out, true));
             }
-            out.push((codec::string_from(&key)?, rec));
+            out.push((job, rec));
         }
         Ok((out, false))
     }

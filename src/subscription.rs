@@ -26,6 +26,7 @@ use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Grant;
 use crate::hub::{EventMsg, Hub, JobReceiver, Notice};
 use crate::metrics::Metrics;
 use crate::model::{to_json_line, JobId, JobRecord, Status};
@@ -387,11 +388,15 @@ pub struct Filter {
     pub jobs: Option<BTreeSet<String>>,
     /// Jobs whose id starts with this (`?prefix=p`); empty for all.
     pub prefix: String,
+    /// Only jobs the subscriber's token may read.
+    pub grant: Grant,
 }
 
 impl Filter {
     pub fn matches(&self, job: &str) -> bool {
-        job.starts_with(&self.prefix) && self.jobs.as_ref().is_none_or(|set| set.contains(job))
+        job.starts_with(&self.prefix)
+            && self.jobs.as_ref().is_none_or(|set| set.contains(job))
+            && self.grant.can_subscribe(job)
     }
 
     /// The matching jobs' records.
@@ -399,14 +404,18 @@ impl Filter {
         match &self.jobs {
             Some(set) => {
                 let mut out = Vec::with_capacity(set.len());
-                for job in set.iter().filter(|j| j.starts_with(&self.prefix)) {
+                for job in set.iter().filter(|j| self.matches(j)) {
                     if let Some(rec) = store.job(job)? {
                         out.push((job.clone(), rec));
                     }
                 }
                 Ok(out)
             }
-            None => store.jobs_with_prefix(&self.prefix),
+            None => Ok(store
+                .jobs_with_prefix(&self.prefix)?
+                .into_iter()
+                .filter(|(job, _)| self.grant.can_subscribe(job))
+                .collect()),
         }
     }
 }

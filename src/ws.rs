@@ -24,7 +24,9 @@ use warp::filters::ws::{Message, WebSocket, Ws};
 use warp::reply::{Reply, Response};
 use warp::Filter;
 
+use crate::auth::Grant;
 use crate::http::error::ApiError;
+use crate::http::jobs::forbidden;
 use crate::http::{job_from_path, parse_u64, query_pairs, query_value, AppState};
 use crate::metrics::Transport;
 use crate::model::{to_json_line, JobId};
@@ -40,6 +42,7 @@ const GOING_AWAY: u16 = 1001;
 const UNSUPPORTED: u16 = 1003;
 const TOO_BIG: u16 = 1009;
 const INTERNAL: u16 = 1011;
+const POLICY: u16 = 1008;
 
 #[derive(Debug, Error)]
 pub enum WsError {
@@ -58,11 +61,20 @@ pub fn upgrade() -> impl Filter<Extract = (Ws,), Error = warp::Rejection> + Clon
 pub struct JobParams {
     job: JobId,
     start: Start,
+    grant: Grant,
     state: AppState,
 }
 
-pub async fn check_job(job: String, query: String, state: AppState) -> Result<JobParams, ApiError> {
+pub async fn check_job(
+    job: String,
+    grant: Grant,
+    query: String,
+    state: AppState,
+) -> Result<JobParams, ApiError> {
     let job = job_from_path(&job)?;
+    if !grant.can_subscribe(job.as_str()) {
+        return Err(forbidden("read", job.as_str()));
+    }
     let pairs = query_pairs(&query);
     let resume = match query_value(&pairs, "after") {
         None => None,
@@ -72,7 +84,12 @@ pub async fn check_job(job: String, query: String, state: AppState) -> Result<Jo
         ),
     };
     let start = state.src.open_job(job.clone(), resume)?;
-    Ok(JobParams { job, start, state })
+    Ok(JobParams {
+        job,
+        start,
+        grant,
+        state,
+    })
 }
 
 /// GET /v1/jobs/{job}/ws?after=N
@@ -81,17 +98,21 @@ pub fn job_session(params: JobParams, ws: Ws) -> Response {
     ws.on_upgrade(move |socket| {
         supervisor.track(
             "ws-job",
-            Session::new(params.state, true).run(socket, Some((params.job, params.start))),
+            Session::new(params.state, params.grant, true)
+                .run(socket, Some((params.job, params.start))),
         )
     })
     .into_response()
 }
 
 /// GET /v1/ws
-pub fn many_session(state: AppState, ws: Ws) -> Response {
+pub fn many_session(grant: Grant, state: AppState, ws: Ws) -> Response {
     let supervisor = state.supervisor.clone();
     ws.on_upgrade(move |socket| {
-        supervisor.track("ws-many", Session::new(state, false).run(socket, None))
+        supervisor.track(
+            "ws-many",
+            Session::new(state, grant, false).run(socket, None),
+        )
     })
     .into_response()
 }
@@ -112,6 +133,8 @@ enum ClientMessage {
 
 struct Session {
     state: AppState,
+    /// What the token of the handshake allows; the socket closes (1008) when it expires.
+    grant: Grant,
     /// A per-job socket closes when its job ends or is deleted.
     single: bool,
     subs: StreamMap<String, ReceiverStream<Frame>>,
@@ -121,9 +144,10 @@ struct Session {
 type Closing = Option<(u16, &'static str)>;
 
 impl Session {
-    fn new(state: AppState, single: bool) -> Session {
+    fn new(state: AppState, grant: Grant, single: bool) -> Session {
         Session {
             state,
+            grant,
             single,
             subs: StreamMap::new(),
         }
@@ -150,9 +174,18 @@ impl Session {
             }
         }
 
+        let expiry = self.grant.remaining();
+        let expired = async move {
+            match expiry {
+                Some(left) => tokio::time::sleep(left).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(expired);
         let closing: Closing = loop {
             tokio::select! {
                 () = shutdown.cancelled() => break Some((GOING_AWAY, "server shutting down")),
+                () = &mut expired => break Some((POLICY, "token expired")),
                 Some((_, frame)) = self.subs.next() => {
                     let closing = match &frame {
                         Frame::End { .. } | Frame::Removed { .. } => Some((NORMAL, "job finished")),
@@ -221,6 +254,9 @@ impl Session {
                     Ok(job) => job,
                     Err(e) => return vec![error_text(&e.into())],
                 };
+                if !self.grant.can_subscribe(job.as_str()) {
+                    return vec![error_text(&forbidden("read", job.as_str()))];
+                }
                 let resume = match after {
                     None | Some(serde_json::Value::Null) => None,
                     Some(v) => match v.as_u64() {

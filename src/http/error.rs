@@ -28,6 +28,10 @@ pub enum ApiError {
     InvalidCursor(String),
     #[error("resume point {0:?} is not a non-negative integer")]
     InvalidLastEventId(String),
+    #[error(transparent)]
+    Unauthorized(#[from] crate::auth::AuthError),
+    #[error("{0}")]
+    Forbidden(String),
     #[error("job {0} not found")]
     JobNotFound(String),
     #[error("no such endpoint")]
@@ -54,6 +58,8 @@ impl ApiError {
             | ApiError::InvalidJobId(_)
             | ApiError::InvalidCursor(_)
             | ApiError::InvalidLastEventId(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::JobNotFound(_) | ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::JobFinished(_) => StatusCode::CONFLICT,
@@ -70,6 +76,8 @@ impl ApiError {
             ApiError::InvalidJobId(_) => "invalid_job_id",
             ApiError::InvalidCursor(_) => "invalid_cursor",
             ApiError::InvalidLastEventId(_) => "invalid_last_event_id",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
             ApiError::JobNotFound(_) => "job_not_found",
             ApiError::NotFound => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
@@ -100,6 +108,12 @@ impl Reply for ApiError {
             res.headers_mut().insert(
                 warp::http::header::RETRY_AFTER,
                 warp::http::HeaderValue::from_static("1"),
+            );
+        }
+        if matches!(self, ApiError::Unauthorized(_)) {
+            res.headers_mut().insert(
+                warp::http::header::WWW_AUTHENTICATE,
+                warp::http::HeaderValue::from_static("Bearer"),
             );
         }
         res
@@ -155,6 +169,8 @@ pub async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
         return Ok(e.clone().into_response());
     } else if rejection.is_not_found() {
         ApiError::NotFound
+    } else if let Some(e) = rejection.find::<warp::cors::CorsForbidden>() {
+        ApiError::Forbidden(format!("CORS: {e}"))
     } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
         ApiError::MethodNotAllowed
     } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
@@ -170,8 +186,14 @@ pub async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
         // The WebSocket endpoints without an upgrade request land here.
         ApiError::InvalidBody(format!("{e}; this endpoint expects a WebSocket upgrade"))
     } else {
+        // A request warp refused for a reason we do not name (e.g. a WebSocket endpoint
+        // called without a proper upgrade).
         debug!(?rejection, "unhandled rejection");
-        ApiError::NotFound
+        ApiError::InvalidBody(
+            "the request does not fit this endpoint (WebSocket endpoints expect an upgrade \
+             request)"
+                .into(),
+        )
     };
     Ok(err.into_response())
 }

@@ -14,6 +14,7 @@ use warp::reply::{Reply, Response};
 
 use super::error::ApiError;
 use super::{job_from_path, json_response, parse_u64, query_pairs, query_value, AppState};
+use crate::auth::Grant;
 use crate::metrics::StoreGauges;
 use crate::model::{to_json_line, Change, Status, Update, MAX_BATCH};
 
@@ -24,6 +25,7 @@ const MAX_LIMIT: usize = 1000;
 /// POST /v1/jobs/{job}/events
 pub async fn publish<S, B>(
     job: String,
+    grant: Grant,
     headers: PublishHeaders,
     body: S,
     state: AppState,
@@ -33,6 +35,9 @@ where
     B: Buf,
 {
     let job = job_from_path(&job)?;
+    if !grant.can_publish(job.as_str()) {
+        return Err(forbidden("publish to", job.as_str()));
+    }
     if !is_json(headers.content_type.as_ref().and_then(|v| v.to_str().ok())) {
         return Err(ApiError::UnsupportedMediaType);
     }
@@ -98,6 +103,11 @@ fn idempotency_key(raw: &HeaderValue) -> Result<String, ApiError> {
     }
 }
 
+/// 403 for `what` on `job`.
+pub fn forbidden(what: &str, job: &str) -> ApiError {
+    ApiError::Forbidden(format!("the token may not {what} {job:?}"))
+}
+
 /// `application/json`, any case, parameters allowed.
 fn is_json(content_type: Option<&str>) -> bool {
     content_type
@@ -161,8 +171,11 @@ pub fn parse_updates(body: &[u8], max_data: usize) -> Result<Vec<Change>, ApiErr
 }
 
 /// GET /v1/jobs/{job}
-pub async fn snapshot(job: String, state: AppState) -> Result<Response, ApiError> {
+pub async fn snapshot(job: String, grant: Grant, state: AppState) -> Result<Response, ApiError> {
     let job = job_from_path(&job)?;
+    if !grant.can_subscribe(job.as_str()) {
+        return Err(forbidden("read", job.as_str()));
+    }
     match state.src.visible_job(job.as_str()).await? {
         Some(rec) => Ok(json_response(StatusCode::OK, rec.to_json(job.as_str()))),
         None => Err(ApiError::JobNotFound(job.to_string())),
@@ -170,8 +183,13 @@ pub async fn snapshot(job: String, state: AppState) -> Result<Response, ApiError
 }
 
 /// DELETE /v1/jobs/{job}
-pub async fn delete(job: String, state: AppState) -> Result<Response, ApiError> {
+pub async fn delete(job: String, grant: Grant, state: AppState) -> Result<Response, ApiError> {
     let job = job_from_path(&job)?;
+    if !grant.is_admin() {
+        return Err(ApiError::Forbidden(
+            "deleting a job needs an admin token".into(),
+        ));
+    }
     if state.src.writer.delete(job.clone()).await? {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
@@ -180,7 +198,7 @@ pub async fn delete(job: String, state: AppState) -> Result<Response, ApiError> 
 }
 
 /// GET /v1/jobs?status=&prefix=&limit=&cursor=
-pub async fn list(query: String, state: AppState) -> Result<Response, ApiError> {
+pub async fn list(grant: Grant, query: String, state: AppState) -> Result<Response, ApiError> {
     let pairs = query_pairs(&query);
     let status = match query_value(&pairs, "status") {
         None | Some("") => None,
@@ -191,6 +209,9 @@ pub async fn list(query: String, state: AppState) -> Result<Response, ApiError> 
         })?),
     };
     let prefix = query_value(&pairs, "prefix").unwrap_or("");
+    if !grant.can_subscribe_under(prefix) {
+        return Err(forbidden("list jobs under", prefix));
+    }
     let limit = limit(query_value(&pairs, "limit"))?;
     let cursor = match query_value(&pairs, "cursor") {
         None | Some("") => None,
@@ -199,11 +220,14 @@ pub async fn list(query: String, state: AppState) -> Result<Response, ApiError> 
                 .map_err(|_| ApiError::InvalidCursor(c.chars().take(140).collect()))?,
         ),
     };
+    let keep = |job: &str, rec: &crate::model::JobRecord| {
+        status.is_none_or(|s| s == rec.status) && grant.can_subscribe(job)
+    };
     let (jobs, more) =
         state
             .src
             .store
-            .list_jobs(cursor.as_ref().map(|c| c.as_str()), prefix, status, limit)?;
+            .list_jobs(cursor.as_ref().map(|c| c.as_str()), prefix, &keep, limit)?;
     let newest = jobs.iter().map(|(_, r)| r.last_offset).max().unwrap_or(0);
     state.src.writer.wait_visible(newest).await?;
     let next_cursor = if more {
@@ -237,8 +261,16 @@ fn limit(raw: Option<&str>) -> Result<usize, ApiError> {
 }
 
 /// GET /v1/jobs/{job}/events?after=N&limit=L
-pub async fn history(job: String, query: String, state: AppState) -> Result<Response, ApiError> {
+pub async fn history(
+    job: String,
+    grant: Grant,
+    query: String,
+    state: AppState,
+) -> Result<Response, ApiError> {
     let job = job_from_path(&job)?;
+    if !grant.can_subscribe(job.as_str()) {
+        return Err(forbidden("read", job.as_str()));
+    }
     let pairs = query_pairs(&query);
     let after = match query_value(&pairs, "after") {
         None | Some("") => 0,
@@ -267,7 +299,10 @@ pub async fn history(job: String, query: String, state: AppState) -> Result<Resp
 }
 
 /// GET /v1/admin/export?cursor=&limit=
-pub async fn export(query: String, state: AppState) -> Result<Response, ApiError> {
+pub async fn export(grant: Grant, query: String, state: AppState) -> Result<Response, ApiError> {
+    if !grant.is_admin() {
+        return Err(ApiError::Forbidden("export needs an admin token".into()));
+    }
     let pairs = query_pairs(&query);
     let limit = limit(query_value(&pairs, "limit"))?;
     let cursor = match query_value(&pairs, "cursor") {

@@ -12,10 +12,12 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use percent_encoding::percent_decode_str;
+use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::{Reply, Response};
 use warp::Filter;
 
+use crate::auth::{Auth, Grant};
 use crate::config::Config;
 use crate::model::JobId;
 use crate::subscription::Source;
@@ -29,13 +31,13 @@ pub struct AppState {
     pub src: Source,
     pub config: Arc<Config>,
     pub supervisor: Supervisor,
+    pub auth: Auth,
 }
 
-/// All routes, with errors recovered into JSON bodies.
-pub fn routes(
-    state: AppState,
-) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
-    probes(state.clone())
+/// All routes, with CORS when origins are configured, and errors recovered into JSON bodies.
+pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
+    let origins = state.config.cors_origins.clone();
+    let api = probes(state.clone())
         .or(job_events(state.clone()))
         .unify()
         .or(job_stream(state.clone()))
@@ -51,9 +53,28 @@ pub fn routes(
         .or(ws_many(state.clone()))
         .unify()
         .or(export(state))
-        .unify()
+        .unify();
+    if origins.is_empty() {
+        // No CORS filter at all: a same-origin page's requests carry an Origin header too,
+        // and must not be refused for it.
+        return api.recover(error::recover).unify().boxed();
+    }
+    let cors = warp::cors()
+        .allow_origins(origins.iter().map(String::as_str))
+        .allow_methods(["GET", "POST", "DELETE", "OPTIONS"])
+        .allow_headers([
+            "authorization",
+            "content-type",
+            "idempotency-key",
+            "last-event-id",
+        ])
+        .allow_credentials(true)
+        .max_age(600);
+    api.with(cors)
+        .map(Reply::into_response)
         .recover(error::recover)
         .unify()
+        .boxed()
 }
 
 fn with_state(state: AppState) -> impl Filter<Extract = (AppState,), Error = Infallible> + Clone {
@@ -63,6 +84,41 @@ fn with_state(state: AppState) -> impl Filter<Extract = (AppState,), Error = Inf
 /// The raw query string, empty when there is none.
 fn raw_query() -> impl Filter<Extract = (String,), Error = Infallible> + Clone {
     warp::query::raw().or(warp::any().map(String::new)).unify()
+}
+
+/// The grant of the request's token: `Authorization: Bearer`, else `?access_token=`, else
+/// the `progressd_token` cookie.
+fn grant(state: AppState) -> impl Filter<Extract = (Grant,), Error = warp::Rejection> + Clone {
+    warp::header::optional::<String>("authorization")
+        .and(warp::header::optional::<String>("cookie"))
+        .and(raw_query())
+        .and_then(
+            move |authorization: Option<String>, cookie: Option<String>, query: String| {
+                let auth = state.auth.clone();
+                async move {
+                    let from_header = authorization.as_deref().and_then(|h| {
+                        let (scheme, token) = h.split_once(' ')?;
+                        scheme
+                            .eq_ignore_ascii_case("bearer")
+                            .then(|| token.trim().to_owned())
+                    });
+                    let token = from_header
+                        .or_else(|| {
+                            query_value(&query_pairs(&query), "access_token").map(str::to_owned)
+                        })
+                        .or_else(|| {
+                            cookie.as_deref().and_then(|c| {
+                                c.split(';')
+                                    .filter_map(|kv| kv.trim().split_once('='))
+                                    .find(|(k, _)| *k == "progressd_token")
+                                    .map(|(_, v)| v.to_owned())
+                            })
+                        });
+                    auth.grant(token.as_deref())
+                        .map_err(|e| error::reject(ApiError::Unauthorized(e)))
+                }
+            },
+        )
 }
 
 /// Handlers return `Result<Response, ApiError>`; warp wants rejections.
@@ -104,15 +160,19 @@ fn job_events(
     let headers = warp::header::headers_cloned().map(jobs::PublishHeaders::from);
     let publish = path
         .and(warp::post())
+        .and(grant(state.clone()))
         .and(headers)
         .and(warp::body::stream())
         .and(with_state(state.clone()))
-        .and_then(|job, headers, body, state| handle!(jobs::publish(job, headers, body, state)));
+        .and_then(|job, grant, headers, body, state| {
+            handle!(jobs::publish(job, grant, headers, body, state))
+        });
     let history = path
         .and(warp::get())
+        .and(grant(state.clone()))
         .and(raw_query())
         .and(with_state(state))
-        .and_then(|job, query, state| handle!(jobs::history(job, query, state)));
+        .and_then(|job, grant, query, state| handle!(jobs::history(job, grant, query, state)));
     publish.or(history).unify()
 }
 
@@ -122,12 +182,14 @@ fn job(state: AppState) -> impl Filter<Extract = (Response,), Error = warp::Reje
     let path = warp::path!("v1" / "jobs" / String);
     let get = path
         .and(warp::get())
+        .and(grant(state.clone()))
         .and(with_state(state.clone()))
-        .and_then(|job, state| handle!(jobs::snapshot(job, state)));
+        .and_then(|job, grant, state| handle!(jobs::snapshot(job, grant, state)));
     let delete = path
         .and(warp::delete())
+        .and(grant(state.clone()))
         .and(with_state(state))
-        .and_then(|job, state| handle!(jobs::delete(job, state)));
+        .and_then(|job, grant, state| handle!(jobs::delete(job, grant, state)));
     get.or(delete).unify()
 }
 
@@ -135,9 +197,10 @@ fn job(state: AppState) -> impl Filter<Extract = (Response,), Error = warp::Reje
 fn jobs(state: AppState) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     warp::path!("v1" / "jobs")
         .and(warp::get())
+        .and(grant(state.clone()))
         .and(raw_query())
         .and(with_state(state))
-        .and_then(|query, state| handle!(jobs::list(query, state)))
+        .and_then(|grant, query, state| handle!(jobs::list(grant, query, state)))
 }
 
 /// GET /v1/jobs/{job}/stream  (Server-Sent Events; resume with Last-Event-ID or ?after=)
@@ -146,29 +209,34 @@ fn job_stream(
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     warp::path!("v1" / "jobs" / String / "stream")
         .and(warp::get())
+        .and(grant(state.clone()))
         .and(warp::header::optional::<String>("last-event-id"))
         .and(raw_query())
         .and(with_state(state))
-        .and_then(|job, last, query, state| handle!(sse::job_stream(job, last, query, state)))
+        .and_then(|job, grant, last, query, state| {
+            handle!(sse::job_stream(job, grant, last, query, state))
+        })
 }
 
 /// GET /v1/stream?job=a&job=b | ?prefix=p  (Server-Sent Events for many jobs, ids are offsets)
 fn stream(state: AppState) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     warp::path!("v1" / "stream")
         .and(warp::get())
+        .and(grant(state.clone()))
         .and(warp::header::optional::<String>("last-event-id"))
         .and(raw_query())
         .and(with_state(state))
-        .and_then(|last, query, state| handle!(sse::many_stream(last, query, state)))
+        .and_then(|grant, last, query, state| handle!(sse::many_stream(grant, last, query, state)))
 }
 
 /// GET /v1/jobs/{job}/ws?after=N  (WebSocket for one job)
 fn job_ws(state: AppState) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     warp::path!("v1" / "jobs" / String / "ws")
         .and(warp::get())
+        .and(grant(state.clone()))
         .and(raw_query())
         .and(with_state(state))
-        .and_then(|job, query, state| handle!(ws::check_job(job, query, state)))
+        .and_then(|job, grant, query, state| handle!(ws::check_job(job, grant, query, state)))
         .and(ws::upgrade())
         .map(ws::job_session)
 }
@@ -177,6 +245,7 @@ fn job_ws(state: AppState) -> impl Filter<Extract = (Response,), Error = warp::R
 fn ws_many(state: AppState) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     warp::path!("v1" / "ws")
         .and(warp::get())
+        .and(grant(state.clone()))
         .and(with_state(state))
         .and(ws::upgrade())
         .map(ws::many_session)
@@ -186,9 +255,10 @@ fn ws_many(state: AppState) -> impl Filter<Extract = (Response,), Error = warp::
 fn export(state: AppState) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     warp::path!("v1" / "admin" / "export")
         .and(warp::get())
+        .and(grant(state.clone()))
         .and(raw_query())
         .and(with_state(state))
-        .and_then(|query, state| handle!(jobs::export(query, state)))
+        .and_then(|grant, query, state| handle!(jobs::export(grant, query, state)))
 }
 
 /// A job id from a path segment: percent-decoded (browsers send `:` as `%3A`), then validated.
