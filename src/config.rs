@@ -127,6 +127,25 @@ pub struct ServeArgs {
     /// Largest request body, in bytes (chunked bodies included).
     #[arg(long, env = "PROGRESSD_MAX_BODY", default_value_t = 64 * 1024)]
     pub max_body: usize,
+    /// Open connections beyond which new ones get 503 and are closed.
+    #[arg(long, env = "PROGRESSD_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// Time a client has to send its request headers (slowloris).
+    #[arg(long, env = "PROGRESSD_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_timeout: Duration,
+    /// Jobs one /v1/ws socket may follow at once.
+    #[arg(
+        long,
+        env = "PROGRESSD_MAX_SUBSCRIPTIONS_PER_SOCKET",
+        default_value_t = 100
+    )]
+    pub max_subscriptions_per_socket: usize,
+    /// Most updates in one batch (the contract allows 1000).
+    #[arg(long, env = "PROGRESSD_MAX_BATCH", default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub max_batch: u16,
+    /// Largest page of GET /v1/jobs and history (the contract allows 1000).
+    #[arg(long, env = "PROGRESSD_MAX_LIST", default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub max_list: u16,
     /// How long a publish's Idempotency-Key is remembered: a repeat within it appends
     /// nothing and gets the first answer.
     #[arg(long, env = "PROGRESSD_IDEMPOTENCY_WINDOW", default_value = "10m", value_parser = humantime::parse_duration)]
@@ -197,6 +216,11 @@ pub struct Config {
     pub retry: Duration,
     pub max_data: usize,
     pub max_body: usize,
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+    pub max_subscriptions_per_socket: usize,
+    pub max_batch: usize,
+    pub max_list: usize,
     pub idempotency_window: Duration,
     pub shutdown_timeout: Duration,
     pub cache_bytes: u64,
@@ -229,6 +253,11 @@ impl Config {
             retry: Duration::from_secs(2),
             max_data: 16 * 1024,
             max_body: 64 * 1024,
+            max_connections: 10_000,
+            header_timeout: Duration::from_secs(10),
+            max_subscriptions_per_socket: 100,
+            max_batch: 1000,
+            max_list: 1000,
             idempotency_window: Duration::from_secs(600),
             shutdown_timeout: Duration::from_secs(10),
             cache_bytes: 64 * 1024 * 1024,
@@ -305,6 +334,11 @@ impl TryFrom<ServeArgs> for Config {
             retry: a.retry,
             max_data: a.max_data,
             max_body: a.max_body,
+            max_connections: a.max_connections,
+            header_timeout: a.header_timeout,
+            max_subscriptions_per_socket: a.max_subscriptions_per_socket,
+            max_batch: usize::from(a.max_batch),
+            max_list: usize::from(a.max_list),
             idempotency_window: a.idempotency_window,
             shutdown_timeout: a.shutdown_timeout,
             cache_bytes: a.cache_bytes,

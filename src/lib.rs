@@ -16,6 +16,7 @@
 //! | [`hub`]          | live fan-out through broadcast channels                                |
 //! | [`subscription`] | replay from the store then live from the hub, resets, lag catch-up     |
 //! | [`listen`]       | TCP and Unix listeners, sockets passed by systemd                      |
+//! | [`server`]       | the accept loop: connection limit, header timeout, tracked connections |
 //! | [`http`]         | warp routes, REST handlers, the JSON error body                        |
 //! | [`sse`]          | Server-Sent Events framing and endpoints                               |
 //! | [`ws`]           | WebSocket sessions                                                     |
@@ -38,6 +39,7 @@ pub mod listen;
 pub mod metrics;
 pub mod model;
 pub mod retention;
+pub mod server;
 pub mod sse;
 pub mod store;
 pub mod subscription;
@@ -46,8 +48,6 @@ pub mod systemd;
 pub mod writer;
 pub mod ws;
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,6 +62,7 @@ use auth::Auth;
 use hub::Hub;
 pub use listen::{ListenAddr, ListenError, Listener};
 use metrics::Metrics;
+use server::Server;
 use store::{Store, StoreError};
 use subscription::Source;
 use supervisor::Supervisor;
@@ -178,22 +179,17 @@ pub async fn run(
         src: state.src.clone(),
         addr: listeners.iter().find_map(Listener::local_addr),
     };
-    let routes = http::routes(state);
-    let servers: Vec<Pin<Box<dyn Future<Output = ()> + Send>>> = listeners
-        .into_iter()
-        .map(|listener| -> Pin<Box<dyn Future<Output = ()> + Send>> {
-            let stop = shutdown.clone().cancelled_owned();
-            match listener {
-                Listener::Tcp(l) => {
-                    Box::pin(warp::serve(routes.clone()).incoming(l).graceful(stop).run())
-                }
-                Listener::Unix(l) => {
-                    Box::pin(warp::serve(routes.clone()).incoming(l).graceful(stop).run())
-                }
-            }
-        })
-        .collect();
-    let server = futures_util::future::join_all(servers);
+    let server = Server::new(
+        http::routes(state),
+        supervisor.clone(),
+        config.max_connections,
+        config.header_timeout,
+    );
+    let server = futures_util::future::join_all(
+        listeners
+            .into_iter()
+            .map(|listener| server.clone().run(listener, shutdown.clone())),
+    );
     supervisor.health().set_started(true);
     {
         let (probe, watchdog, sup, token) = (
@@ -227,8 +223,8 @@ pub async fn run(
     systemd::stopping();
     supervisor.health().set_started(false);
     info!(grace = ?config.shutdown_timeout, "shutting down: ending streams, draining connections");
-    // Streams end on the token; warp then waits for every open connection, with no limit of
-    // its own.
+    // Streams end on the token; the server then waits for every open connection, with no
+    // limit of its own.
     // While connections drain, keep systemd's stop timeout ahead of our own deadline.
     let drain = async {
         let mut tick = tokio::time::interval(Duration::from_secs(2));

@@ -21,6 +21,43 @@ pub struct Metrics {
     pub resets: AtomicU64,
     pub jobs_removed: AtomicU64,
     task_failures: Mutex<BTreeMap<&'static str, u64>>,
+    limit_hits: [AtomicU64; Limit::ALL.len()],
+}
+
+/// The limits that protect the daemon from one client; each hit is counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    Connections,
+    HeaderTimeout,
+    Body,
+    Batch,
+    ListLimit,
+    WsMessage,
+    Subscriptions,
+}
+
+impl Limit {
+    const ALL: [Limit; 7] = [
+        Limit::Connections,
+        Limit::HeaderTimeout,
+        Limit::Body,
+        Limit::Batch,
+        Limit::ListLimit,
+        Limit::WsMessage,
+        Limit::Subscriptions,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Limit::Connections => "connections",
+            Limit::HeaderTimeout => "header_timeout",
+            Limit::Body => "body",
+            Limit::Batch => "batch",
+            Limit::ListLimit => "list_limit",
+            Limit::WsMessage => "ws_message",
+            Limit::Subscriptions => "subscriptions",
+        }
+    }
 }
 
 /// Which transport a subscriber uses.
@@ -43,6 +80,14 @@ impl Drop for SubscriberGuard {
 }
 
 impl Metrics {
+    pub fn limit_hit(&self, limit: Limit) {
+        self.limit_hits[limit as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn limit_hits(&self, limit: Limit) -> u64 {
+        self.limit_hits[limit as usize].load(Relaxed)
+    }
+
     pub fn task_failed(&self, task: &'static str) {
         *self
             .task_failures
@@ -132,6 +177,19 @@ impl Metrics {
             self.subscribers_sse.load(Relaxed),
             self.subscribers_ws.load(Relaxed)
         );
+        let _ = writeln!(
+            out,
+            "# HELP progressd_limit_hits_total Requests, connections and messages refused by a limit.\n\
+             # TYPE progressd_limit_hits_total counter"
+        );
+        for limit in Limit::ALL {
+            let _ = writeln!(
+                out,
+                "progressd_limit_hits_total{{limit=\"{}\"}} {}",
+                limit.name(),
+                self.limit_hits(limit)
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP progressd_task_failures_total Supervised tasks that returned an error or panicked.\n\

@@ -53,6 +53,8 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .or(ws_many(state.clone()))
         .unify()
         .or(export(state))
+        .unify()
+        .or(openapi())
         .unify();
     if origins.is_empty() {
         // No CORS filter at all: a same-origin page's requests carry an Origin header too,
@@ -249,6 +251,14 @@ fn ws_many(state: AppState) -> impl Filter<Extract = (Response,), Error = warp::
         .and(with_state(state))
         .and(ws::upgrade())
         .map(ws::many_session)
+}
+
+/// GET /v1/openapi.json  (the API's OpenAPI 3.1 description, kept in openapi/)
+fn openapi() -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    const DOC: &str = include_str!("../../openapi/openapi.json");
+    warp::path!("v1" / "openapi.json")
+        .and(warp::get())
+        .map(|| json_response(StatusCode::OK, DOC.to_owned()))
 }
 
 /// GET /v1/admin/export?cursor=&limit=  (a page of the backup, as JSON lines)

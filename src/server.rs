@@ -1,0 +1,202 @@
+//! The accept loop: ours rather than `warp::serve`, so that every connection is counted,
+//! limited, given a header deadline and run as a supervised task.
+//!
+//! warp's own server spawns each connection with a bare `tokio::spawn` and has no limits;
+//! here a connection over `--max-connections` gets a `503` with `Retry-After` and is closed,
+//! a client that does not finish its request headers within `--header-timeout` is dropped
+//! (slowloris), and shutdown stops accepting, lets in-flight requests finish and waits for
+//! connections through hyper's graceful shutdown (bounded by the caller).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+use warp::filters::BoxedFilter;
+use warp::reply::Response;
+
+use crate::listen::Listener;
+use crate::metrics::{Limit, Metrics};
+use crate::supervisor::Supervisor;
+
+/// What every connection shares.
+#[derive(Clone)]
+pub struct Server {
+    routes: BoxedFilter<(Response,)>,
+    supervisor: Supervisor,
+    metrics: Arc<Metrics>,
+    open: Arc<OpenConnections>,
+    max_connections: usize,
+    header_timeout: Duration,
+}
+
+/// Open connections, all listeners together, and a wake-up for when the last one closes.
+#[derive(Default)]
+struct OpenConnections {
+    count: AtomicUsize,
+    none: Notify,
+}
+
+/// Counts a connection while it lives.
+struct Open(Arc<OpenConnections>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.none.notify_waiters();
+        }
+    }
+}
+
+const OVER_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+content-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 73\r\n\r\n\
+{\"error\":\"unavailable\",\"message\":\"too many connections, try again later\"}";
+
+impl Server {
+    pub fn new(
+        routes: BoxedFilter<(Response,)>,
+        supervisor: Supervisor,
+        max_connections: usize,
+        header_timeout: Duration,
+    ) -> Server {
+        Server {
+            metrics: Arc::clone(supervisor.metrics()),
+            routes,
+            supervisor,
+            open: Arc::default(),
+            max_connections,
+            header_timeout,
+        }
+    }
+
+    /// Open connections, all listeners together.
+    pub fn open_connections(&self) -> usize {
+        self.open.count.load(Ordering::Acquire)
+    }
+
+    /// Accepts on `listener` until `stop`; then every connection finishes the request it is
+    /// serving and closes, and this returns once none is left (the caller bounds the wait).
+    pub async fn run(self, listener: Listener, stop: CancellationToken) {
+        loop {
+            let accepted = tokio::select! {
+                a = accept(&listener) => a,
+                () = stop.cancelled() => break,
+            };
+            match accepted {
+                Ok(Conn::Tcp(s)) => {
+                    // Progress events go out as soon as they are written.
+                    let _ = s.set_nodelay(true);
+                    self.serve(s, &stop);
+                }
+                Ok(Conn::Unix(s)) => self.serve(s, &stop),
+                Err(e) if is_transient(&e) => debug!(error = %e, "accept"),
+                Err(e) => {
+                    // Out of descriptors, typically: wait for some to close rather than spin.
+                    warn!(error = %e, "accept failed; pausing");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        () = stop.cancelled() => break,
+                    }
+                }
+            }
+        }
+        drop(listener);
+        loop {
+            let none_left = self.open.none.notified();
+            if self.open_connections() == 0 {
+                return;
+            }
+            none_left.await;
+        }
+    }
+
+    fn serve<IO>(&self, io: IO, stop: &CancellationToken)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        if self.open.count.fetch_add(1, Ordering::AcqRel) >= self.max_connections {
+            drop(Open(Arc::clone(&self.open)));
+            self.metrics.limit_hit(Limit::Connections);
+            self.supervisor.spawn("connection-refused", refuse(io));
+            return;
+        }
+        let open = Open(Arc::clone(&self.open));
+        let service = TowerToHyperService::new(warp::service(self.routes.clone()));
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.header_timeout)
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
+        let (metrics, stop) = (Arc::clone(&self.metrics), stop.clone());
+        self.supervisor.spawn("connection", async move {
+            let _open = open;
+            let mut conn = std::pin::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                () = stop.cancelled() => {
+                    // Finish the request in flight, take no other, close.
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                if e.is_timeout() {
+                    metrics.limit_hit(Limit::HeaderTimeout);
+                }
+                // A client going away is not a failure of ours.
+                debug!(error = %e, "connection ended with an error");
+            }
+            Ok::<(), std::convert::Infallible>(())
+        });
+    }
+}
+
+/// Over capacity: a short answer, then close.
+async fn refuse<IO: AsyncWrite + Unpin>(mut io: IO) -> Result<(), std::convert::Infallible> {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = io.write_all(OVER_CAPACITY).await;
+        let _ = io.shutdown().await;
+    })
+    .await;
+    Ok(())
+}
+
+enum Conn {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(listener: &Listener) -> std::io::Result<Conn> {
+    match listener {
+        Listener::Tcp(l) => l.accept().await.map(|(s, _)| Conn::Tcp(s)),
+        Listener::Unix(l) => l.accept().await.map(|(s, _)| Conn::Unix(s)),
+    }
+}
+
+/// Errors of one connection that surface at accept; the listener is fine.
+fn is_transient(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_canned_503_declares_its_length() {
+        let text = std::str::from_utf8(super::OVER_CAPACITY).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("content-length: {}", body.len())));
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["error"], "unavailable");
+    }
+}
