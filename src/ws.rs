@@ -28,7 +28,7 @@ use crate::auth::Grant;
 use crate::http::error::ApiError;
 use crate::http::jobs::forbidden;
 use crate::http::{job_from_path, parse_u64, query_pairs, query_value, AppState};
-use crate::metrics::Transport;
+use crate::metrics::{Limit, Transport};
 use crate::model::{to_json_line, JobId};
 use crate::subscription::{Frame, Start};
 
@@ -199,7 +199,13 @@ impl Session {
                 }
                 msg = stream.next() => match msg {
                     None => break None,
-                    Some(Err(e)) => break too_big(&e).then_some((TOO_BIG, "message too big")),
+                    Some(Err(e)) => {
+                        if too_big(&e) {
+                            self.state.src.metrics.limit_hit(Limit::WsMessage);
+                            break Some((TOO_BIG, "message too big"));
+                        }
+                        break None;
+                    }
                     Some(Ok(msg)) => {
                         unanswered = None;
                         if msg.is_binary() {
@@ -256,6 +262,16 @@ impl Session {
                 };
                 if !self.grant.can_subscribe(job.as_str()) {
                     return vec![error_text(&forbidden("read", job.as_str()))];
+                }
+                let max = self.state.config.max_subscriptions_per_socket;
+                if self.subs.len() >= max && !self.subs.contains_key(job.as_str()) {
+                    self.state.src.metrics.limit_hit(Limit::Subscriptions);
+                    return vec![to_json_line(&serde_json::json!({
+                        "type": "error",
+                        "error": "limit_exceeded",
+                        "message": format!("a socket follows at most {max} jobs; unsubscribe first"),
+                        "job": job.as_str(),
+                    }))];
                 }
                 let resume = match after {
                     None | Some(serde_json::Value::Null) => None,

@@ -11,7 +11,7 @@ use warp::http::StatusCode;
 use warp::reject::Rejection;
 use warp::reply::{Reply, Response};
 
-use crate::model::{InvalidJobId, InvalidUpdate, MAX_BATCH};
+use crate::model::{InvalidJobId, InvalidUpdate};
 use crate::store::StoreError;
 use crate::subscription::SubscriptionError;
 use crate::writer::WriteError;
@@ -22,6 +22,8 @@ pub enum ApiError {
     InvalidJson(String),
     #[error("{0}")]
     InvalidBody(String),
+    #[error("a batch holds at most {1} updates, got {0}")]
+    BatchTooLarge(usize, usize),
     #[error(transparent)]
     InvalidJobId(#[from] InvalidJobId),
     #[error("cursor {0:?} is not a job id from a previous page")]
@@ -55,6 +57,7 @@ impl ApiError {
         match self {
             ApiError::InvalidJson(_)
             | ApiError::InvalidBody(_)
+            | ApiError::BatchTooLarge(..)
             | ApiError::InvalidJobId(_)
             | ApiError::InvalidCursor(_)
             | ApiError::InvalidLastEventId(_) => StatusCode::BAD_REQUEST,
@@ -72,7 +75,7 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             ApiError::InvalidJson(_) => "invalid_json",
-            ApiError::InvalidBody(_) => "invalid_body",
+            ApiError::InvalidBody(_) | ApiError::BatchTooLarge(..) => "invalid_body",
             ApiError::InvalidJobId(_) => "invalid_job_id",
             ApiError::InvalidCursor(_) => "invalid_cursor",
             ApiError::InvalidLastEventId(_) => "invalid_last_event_id",
@@ -91,12 +94,6 @@ impl ApiError {
     /// The JSON body, as text (WebSocket `error` frames reuse it).
     pub fn body(&self) -> serde_json::Value {
         serde_json::json!({"error": self.code(), "message": self.to_string()})
-    }
-
-    pub fn batch_too_large(n: usize) -> ApiError {
-        ApiError::InvalidBody(format!(
-            "a batch holds at most {MAX_BATCH} updates, got {n}"
-        ))
     }
 }
 

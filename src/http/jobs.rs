@@ -15,12 +15,11 @@ use warp::reply::{Reply, Response};
 use super::error::ApiError;
 use super::{job_from_path, json_response, parse_u64, query_pairs, query_value, AppState};
 use crate::auth::Grant;
-use crate::metrics::StoreGauges;
-use crate::model::{to_json_line, Change, Status, Update, MAX_BATCH};
+use crate::metrics::{Limit, StoreGauges};
+use crate::model::{to_json_line, Change, Status, Update};
 
-/// Default and largest page of `GET /v1/jobs` and of history.
+/// Default page of `GET /v1/jobs` and of history (the largest is `--max-list`).
 const DEFAULT_LIMIT: usize = 100;
-const MAX_LIMIT: usize = 1000;
 
 /// POST /v1/jobs/{job}/events
 pub async fn publish<S, B>(
@@ -53,11 +52,22 @@ where
             ApiError::InvalidBody("Content-Length must be a non-negative integer".into())
         })?),
     };
+    let metrics = &state.src.metrics;
     if declared.is_some_and(|n| n > max as u64) {
+        metrics.limit_hit(Limit::Body);
         return Err(ApiError::PayloadTooLarge(max));
     }
-    let body = read_body(body, max).await?;
-    let changes = parse_updates(&body, state.config.max_data)?;
+    let body = read_body(body, max).await.inspect_err(|e| {
+        if matches!(e, ApiError::PayloadTooLarge(_)) {
+            metrics.limit_hit(Limit::Body);
+        }
+    })?;
+    let changes =
+        parse_updates(&body, state.config.max_data, state.config.max_batch).inspect_err(|e| {
+            if matches!(e, ApiError::BatchTooLarge(..)) {
+                metrics.limit_hit(Limit::Batch);
+            }
+        })?;
     let appended = state.src.writer.append(job.clone(), changes, key).await?;
     Ok(json_response(
         // A repeat of an idempotency key: the first answer, nothing new created.
@@ -134,7 +144,11 @@ where
 }
 
 /// One update (object) or a batch (array of 1 to 1000 updates), validated.
-pub fn parse_updates(body: &[u8], max_data: usize) -> Result<Vec<Change>, ApiError> {
+pub fn parse_updates(
+    body: &[u8],
+    max_data: usize,
+    max_batch: usize,
+) -> Result<Vec<Change>, ApiError> {
     // First: is it JSON at all? (Also refuses bodies that are not UTF-8.)
     serde_json::from_slice::<IgnoredAny>(body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
     let invalid = |e: serde_json::Error| ApiError::InvalidBody(e.to_string());
@@ -147,8 +161,8 @@ pub fn parse_updates(body: &[u8], max_data: usize) -> Result<Vec<Change>, ApiErr
                     "a batch must hold at least one update".into(),
                 ));
             }
-            if batch.len() > MAX_BATCH {
-                return Err(ApiError::batch_too_large(batch.len()));
+            if batch.len() > max_batch {
+                return Err(ApiError::BatchTooLarge(batch.len(), max_batch));
             }
             batch
         }
@@ -212,7 +226,7 @@ pub async fn list(grant: Grant, query: String, state: AppState) -> Result<Respon
     if !grant.can_subscribe_under(prefix) {
         return Err(forbidden("list jobs under", prefix));
     }
-    let limit = limit(query_value(&pairs, "limit"))?;
+    let limit = limit(query_value(&pairs, "limit"), &state)?;
     let cursor = match query_value(&pairs, "cursor") {
         None | Some("") => None,
         Some(c) => Some(
@@ -247,14 +261,19 @@ pub async fn list(grant: Grant, query: String, state: AppState) -> Result<Respon
     Ok(json_response(StatusCode::OK, to_json_line(&page)))
 }
 
-/// `limit`: 1 and up, default 100; more than 1000 reads as 1000.
-fn limit(raw: Option<&str>) -> Result<usize, ApiError> {
+/// `limit`: 1 and up, default 100; more than `--max-list` reads as `--max-list`.
+fn limit(raw: Option<&str>, state: &AppState) -> Result<usize, ApiError> {
+    let max = state.config.max_list;
     match raw {
-        None | Some("") => Ok(DEFAULT_LIMIT),
+        None | Some("") => Ok(DEFAULT_LIMIT.min(max)),
         Some(s) => match parse_u64(s) {
-            Some(n) if n > 0 => Ok((n as usize).min(MAX_LIMIT)),
+            Some(n) if n > max as u64 => {
+                state.src.metrics.limit_hit(Limit::ListLimit);
+                Ok(max)
+            }
+            Some(n) if n > 0 => Ok(n as usize),
             _ => Err(ApiError::InvalidBody(format!(
-                "limit {s:?} must be an integer from 1 to {MAX_LIMIT}"
+                "limit {s:?} must be an integer from 1 to {max}"
             ))),
         },
     }
@@ -277,7 +296,7 @@ pub async fn history(
         Some(s) => parse_u64(s)
             .ok_or_else(|| ApiError::InvalidLastEventId(s.chars().take(64).collect()))?,
     };
-    let limit = limit(query_value(&pairs, "limit"))?;
+    let limit = limit(query_value(&pairs, "limit"), &state)?;
     let Some(rec) = state.src.visible_job(job.as_str()).await? else {
         return Err(ApiError::JobNotFound(job.to_string()));
     };
@@ -304,7 +323,7 @@ pub async fn export(grant: Grant, query: String, state: AppState) -> Result<Resp
         return Err(ApiError::Forbidden("export needs an admin token".into()));
     }
     let pairs = query_pairs(&query);
-    let limit = limit(query_value(&pairs, "limit"))?;
+    let limit = limit(query_value(&pairs, "limit"), &state)?;
     let cursor = match query_value(&pairs, "cursor") {
         None | Some("") => None,
         Some(c) => Some(
@@ -356,7 +375,7 @@ mod tests {
     #[test]
     fn bodies_are_classified() {
         let code = |b: &str| {
-            parse_updates(b.as_bytes(), 100)
+            parse_updates(b.as_bytes(), 100, 1000)
                 .map(|v| v.len())
                 .map_err(|e| e.code())
         };
@@ -377,7 +396,7 @@ mod tests {
         let batch = format!("[{}]", vec![r#"{"percent":1}"#; 1001].join(","));
         assert_eq!(code(&batch), Err("invalid_body"));
         assert_eq!(
-            parse_updates(b"\xff\xfe", 100).unwrap_err().code(),
+            parse_updates(b"\xff\xfe", 100, 1000).unwrap_err().code(),
             "invalid_json"
         );
     }
