@@ -128,7 +128,7 @@ pub struct ServeArgs {
     #[arg(long, env = "PROGRESSD_MAX_BODY", default_value_t = 64 * 1024)]
     pub max_body: usize,
     /// Open connections beyond which new ones get 503 and are closed.
-    #[arg(long, env = "PROGRESSD_MAX_CONNECTIONS", default_value_t = 10_000)]
+    #[arg(long, env = "PROGRESSD_MAX_CONNECTIONS", default_value_t = 50_000)]
     pub max_connections: usize,
     /// Time a client has to send its request headers (slowloris).
     #[arg(long, env = "PROGRESSD_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -253,7 +253,7 @@ impl Config {
             retry: Duration::from_secs(2),
             max_data: 16 * 1024,
             max_body: 64 * 1024,
-            max_connections: 10_000,
+            max_connections: 50_000,
             header_timeout: Duration::from_secs(10),
             max_subscriptions_per_socket: 100,
             max_batch: 1000,
