@@ -424,8 +424,13 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// `2026-11-26T12:00:00.123Z`.
+/// The last millisecond RFC 3339 can write (9999-12-31T23:59:59.999Z).
+const MAX_RFC3339_MS: u64 = 253_402_300_799_999;
+
+/// `2026-11-26T12:00:00.123Z`. Times past year 9999 (only a damaged record could hold one)
+/// are written as the last representable instant rather than panicking.
 pub fn rfc3339(ms: u64) -> String {
+    let ms = ms.min(MAX_RFC3339_MS);
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
@@ -524,5 +529,11 @@ mod tests {
     #[test]
     fn times_have_milliseconds() {
         assert_eq!(rfc3339(1_764_158_400_123), "2025-11-26T12:00:00.123Z");
+    }
+
+    /// Found by the store-decoding fuzz target: a huge `at` in a decoded record panicked.
+    #[test]
+    fn regression_times_past_year_9999_do_not_panic() {
+        assert_eq!(rfc3339(u64::MAX), "9999-12-31T23:59:59.999Z");
     }
 }

@@ -498,17 +498,22 @@ fn open_hint(e: &sled::Error) -> &'static str {
     }
 }
 
-/// Keys and values: the one place that knows how things are laid out in bytes.
-mod codec {
+/// Keys and values: the one place that knows how things are laid out in bytes. Public so
+/// that the fuzz tests can feed it arbitrary bytes; nothing else uses it.
+pub mod codec {
     use serde::de::DeserializeOwned;
     use serde::Serialize;
 
     use super::{Expiry, StoreError};
 
+    /// No record comes near this (data ≤ 16 KiB, message ≤ 4 KiB); a length prefix that
+    /// claims more is damage, and must not become an allocation of that size.
+    const MAX_RECORD: usize = 1 << 20;
+
     // bincode 2 with its standard (varint) configuration; pinned in Cargo.toml because the
-    // encoding is our on-disk format.
-    fn config() -> bincode::config::Configuration {
-        bincode::config::standard()
+    // encoding is our on-disk format. The limit changes no byte of the format.
+    fn config() -> impl bincode::config::Config {
+        bincode::config::standard().with_limit::<MAX_RECORD>()
     }
 
     pub fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {

@@ -117,7 +117,7 @@ pub fn many_session(grant: Grant, state: AppState, ws: Ws) -> Response {
     .into_response()
 }
 
-/// What a client of `/v1/ws` may send.
+/// What a client of `/v1/ws` may send, as JSON.
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 enum ClientMessage {
@@ -129,6 +129,42 @@ enum ClientMessage {
     Unsubscribe {
         job: String,
     },
+}
+
+/// A valid request from a `/v1/ws` client.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ClientRequest {
+    Subscribe {
+        job: JobId,
+        after: Option<u64>,
+    },
+    /// Unsubscribing from anything is harmless, so the id is not validated.
+    Unsubscribe {
+        job: String,
+    },
+}
+
+/// Reads one text message of a `/v1/ws` client; the error is what its `error` frame says.
+pub fn parse_client_message(text: &str) -> Result<ClientRequest, ApiError> {
+    let msg = match serde_json::from_str::<ClientMessage>(text) {
+        Ok(msg) => msg,
+        Err(e) if e.is_syntax() || e.is_eof() => return Err(ApiError::InvalidJson(e.to_string())),
+        Err(e) => return Err(ApiError::InvalidBody(e.to_string())),
+    };
+    match msg {
+        ClientMessage::Subscribe { job, after } => {
+            let job = JobId::parse(&job)?;
+            let after = match after {
+                None | Some(serde_json::Value::Null) => None,
+                Some(v) => Some(
+                    v.as_u64()
+                        .ok_or_else(|| ApiError::InvalidLastEventId(v.to_string()))?,
+                ),
+            };
+            Ok(ClientRequest::Subscribe { job, after })
+        }
+        ClientMessage::Unsubscribe { job } => Ok(ClientRequest::Unsubscribe { job }),
+    }
 }
 
 struct Session {
@@ -247,19 +283,12 @@ impl Session {
                 "this socket follows one job and takes no messages; use /v1/ws to subscribe".into(),
             ))];
         }
-        let msg = match serde_json::from_str::<ClientMessage>(text) {
+        let msg = match parse_client_message(text) {
             Ok(msg) => msg,
-            Err(e) if e.is_syntax() || e.is_eof() => {
-                return vec![error_text(&ApiError::InvalidJson(e.to_string()))]
-            }
-            Err(e) => return vec![error_text(&ApiError::InvalidBody(e.to_string()))],
+            Err(e) => return vec![error_text(&e)],
         };
         match msg {
-            ClientMessage::Subscribe { job, after } => {
-                let job = match JobId::parse(&job) {
-                    Ok(job) => job,
-                    Err(e) => return vec![error_text(&e.into())],
-                };
+            ClientRequest::Subscribe { job, after: resume } => {
                 if !self.grant.can_subscribe(job.as_str()) {
                     return vec![error_text(&forbidden("read", job.as_str()))];
                 }
@@ -273,15 +302,6 @@ impl Session {
                         "job": job.as_str(),
                     }))];
                 }
-                let resume = match after {
-                    None | Some(serde_json::Value::Null) => None,
-                    Some(v) => match v.as_u64() {
-                        Some(n) => Some(n),
-                        None => {
-                            return vec![error_text(&ApiError::InvalidLastEventId(v.to_string()))]
-                        }
-                    },
-                };
                 let subscribed =
                     to_json_line(&serde_json::json!({"type": "subscribed", "job": job.as_str()}));
                 // `subscribed` goes out before any of the job's frames: those wait in the
@@ -294,7 +314,7 @@ impl Session {
                     Err(e) => vec![error_text(&e.into())],
                 }
             }
-            ClientMessage::Unsubscribe { job } => {
+            ClientRequest::Unsubscribe { job } => {
                 self.subs.remove(&job);
                 vec![to_json_line(
                     &serde_json::json!({"type": "unsubscribed", "job": job}),
