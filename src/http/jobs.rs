@@ -227,13 +227,7 @@ pub async fn list(grant: Grant, query: String, state: AppState) -> Result<Respon
         return Err(forbidden("list jobs under", prefix));
     }
     let limit = limit(query_value(&pairs, "limit"), &state)?;
-    let cursor = match query_value(&pairs, "cursor") {
-        None | Some("") => None,
-        Some(c) => Some(
-            crate::model::JobId::parse(c)
-                .map_err(|_| ApiError::InvalidCursor(c.chars().take(140).collect()))?,
-        ),
-    };
+    let cursor = cursor(query_value(&pairs, "cursor"))?;
     let keep = |job: &str, rec: &crate::model::JobRecord| {
         status.is_none_or(|s| s == rec.status) && grant.can_subscribe(job)
     };
@@ -259,6 +253,16 @@ pub async fn list(grant: Grant, query: String, state: AppState) -> Result<Respon
         next_cursor,
     };
     Ok(json_response(StatusCode::OK, to_json_line(&page)))
+}
+
+/// `cursor`: the last job id of the previous page, if any.
+fn cursor(raw: Option<&str>) -> Result<Option<crate::model::JobId>, ApiError> {
+    match raw {
+        None | Some("") => Ok(None),
+        Some(c) => crate::model::JobId::parse(c)
+            .map(Some)
+            .map_err(|_| ApiError::InvalidCursor(c.chars().take(140).collect())),
+    }
 }
 
 /// `limit`: 1 and up, default 100; more than `--max-list` reads as `--max-list`.
@@ -324,13 +328,7 @@ pub async fn export(grant: Grant, query: String, state: AppState) -> Result<Resp
     }
     let pairs = query_pairs(&query);
     let limit = limit(query_value(&pairs, "limit"), &state)?;
-    let cursor = match query_value(&pairs, "cursor") {
-        None | Some("") => None,
-        Some(c) => Some(
-            crate::model::JobId::parse(c)
-                .map_err(|_| ApiError::InvalidCursor(c.chars().take(140).collect()))?,
-        ),
-    };
+    let cursor = cursor(query_value(&pairs, "cursor"))?;
     let (page, _) = crate::backup::export_page(
         &state.src.store,
         &state.src.writer,
