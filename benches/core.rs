@@ -12,10 +12,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
 use progressd::config::Durability;
-use progressd::Config;
 use serde_json::{json, Value};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::Daemon;
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -24,38 +25,8 @@ fn env_or(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-struct Daemon {
-    base: String,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), progressd::RunError>>,
-    _dir: tempfile::TempDir,
-}
-
 async fn daemon(durability: Durability) -> Daemon {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut config = Config::new(dir.path().join("data"));
-    config.durability = durability;
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let base = format!("http://{}", listener.local_addr().expect("addr"));
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(progressd::run(
-        vec![progressd::Listener::Tcp(listener)],
-        config,
-        shutdown.clone(),
-    ));
-    Daemon {
-        base,
-        shutdown,
-        task,
-        _dir: dir,
-    }
-}
-
-impl Daemon {
-    async fn stop(self) {
-        self.shutdown.cancel();
-        let _ = self.task.await;
-    }
+    Daemon::with(|c| c.durability = durability).await
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
