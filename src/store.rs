@@ -17,9 +17,11 @@
 //! The store does not decide anything: the writer (`writer.rs`) is its only mutator and hands
 //! it a [`Mutation`] that it applies in one sled transaction. Reads are free for anyone.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -42,6 +44,17 @@ pub enum StoreError {
         op: &'static str,
         #[source]
         source: sled::Error,
+    },
+    #[error(
+        "store: {path} is damaged: it opens with offset {found}, but it had reached offset \
+         {expected} (recorded in {marker}); restore the last export into an empty directory \
+         with `progressd import` (progressd does not repair or delete data itself)"
+    )]
+    Damaged {
+        path: String,
+        marker: String,
+        expected: u64,
+        found: u64,
     },
     #[error("store: decode {what}: {detail}")]
     Decode { what: &'static str, detail: String },
@@ -162,9 +175,56 @@ impl std::str::FromStr for Faults {
     }
 }
 
+/// A small file beside sled's, holding an offset the store is known to have made durable
+/// (written after a flush, at most once a second, without fsync: it may lag, never lead).
+/// On open, a store behind it is damaged.
+struct Marker {
+    path: PathBuf,
+    last: Mutex<Option<Instant>>,
+}
+
+impl Marker {
+    fn new(dir: &Path) -> Marker {
+        Marker {
+            path: dir.join("progressd.durable-offset"),
+            last: Mutex::new(None),
+        }
+    }
+
+    fn read(&self) -> Option<u64> {
+        std::fs::read_to_string(&self.path)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Records `offset` if the last record is a second old.
+    fn record(&self, offset: u64) {
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        *last = Some(Instant::now());
+        drop(last);
+        self.force(offset);
+    }
+
+    fn force(&self, offset: u64) {
+        // Write then rename: a reader sees the old number or the new one, never half.
+        let tmp = self.path.with_extension("tmp");
+        let written = std::fs::write(&tmp, offset.to_string())
+            .and_then(|()| std::fs::rename(&tmp, &self.path));
+        if let Err(e) = written {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot record the durable offset");
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
+    marker: Arc<Marker>,
     faults: Faults,
     flushes: Arc<AtomicU64>,
     jobs: sled::Tree,
@@ -198,9 +258,10 @@ impl Store {
             .open()
             .map_err(open_err)?;
         let tree = |name: &str| db.open_tree(name).map_err(open_err);
-        Ok(Store {
+        let store = Store {
             faults,
             flushes: Arc::default(),
+            marker: Arc::new(Marker::new(dir)),
             jobs: tree("jobs")?,
             events: tree("events")?,
             log: tree("log")?,
@@ -208,7 +269,19 @@ impl Store {
             meta: tree("meta")?,
             idem: tree("idem")?,
             db,
-        })
+        };
+        // sled recovers what it can read and carries on; a store that comes back behind
+        // where it had durably been has lost data, and serving it would hide that.
+        let found = store.heads()?.offset;
+        if let Some(expected) = store.marker.read().filter(|m| *m > found) {
+            return Err(StoreError::Damaged {
+                path: dir.display().to_string(),
+                marker: store.marker.path.display().to_string(),
+                expected,
+                found,
+            });
+        }
+        Ok(store)
     }
 
     pub fn heads(&self) -> Result<Heads, StoreError> {
@@ -449,16 +522,25 @@ impl Store {
         {
             std::future::pending::<()>().await;
         }
+        let committed = self.heads()?.offset;
         self.db
             .flush_async()
             .await
             .map(drop)
-            .map_err(StoreError::sled("flush"))
+            .map_err(StoreError::sled("flush"))?;
+        self.marker.record(committed);
+        Ok(())
     }
 
     /// Blocking flush, for shutdown.
     pub fn flush_now(&self) -> Result<(), StoreError> {
-        self.db.flush().map(drop).map_err(StoreError::sled("flush"))
+        let committed = self.heads()?.offset;
+        self.db
+            .flush()
+            .map(drop)
+            .map_err(StoreError::sled("flush"))?;
+        self.marker.force(committed);
+        Ok(())
     }
 
     /// Size of the store on disk, in bytes.

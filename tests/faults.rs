@@ -83,3 +83,43 @@ async fn a_data_dir_in_use_is_refused_with_a_message_that_says_what_to_do() {
     assert_eq!(snap["seq"], 1);
     assert_eq!(first.terminate(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_store_is_refused_not_served_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Process::start(dir.path(), &[]);
+    for i in 1..=5 {
+        daemon.publish_ok("j", step(i)).await;
+    }
+    assert_eq!(daemon.terminate(), Some(0));
+    // Garble sled's main file, as a bad disk would.
+    let db = dir.path().join("db");
+    let len = std::fs::metadata(&db).unwrap().len() as usize;
+    let garbage: Vec<u8> = (0..len).map(|i| (i * 7919 % 251) as u8).collect();
+    std::fs::write(&db, garbage).unwrap();
+    let out = Command::new("timeout")
+        .arg("20")
+        .arg(env!("CARGO_BIN_EXE_progressd"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "refused, not served (124 would be a hang)"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("damaged"), "{err}");
+    assert!(err.contains(&dir.path().display().to_string()), "{err}");
+    assert!(err.contains("progressd import"), "says what to do: {err}");
+    // It stays refused: nothing "repaired" the store behind the operator's back.
+    let again = Command::new("timeout")
+        .arg("20")
+        .arg(env!("CARGO_BIN_EXE_progressd"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(1));
+}
