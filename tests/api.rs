@@ -424,3 +424,29 @@ async fn probes_and_metrics() {
     assert!(text.contains("progressd_jobs 1"), "{text}");
     d.stop().await;
 }
+
+/// Found by schemathesis: a cookie that is not ASCII (a browser's, unrelated to us) made
+/// every /v1 request fail, some with 405.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_non_ascii_cookie_does_not_break_requests() {
+    let d = Daemon::start().await;
+    let cookie = reqwest::header::HeaderValue::from_bytes("theme=café".as_bytes()).unwrap();
+    let res = d
+        .http
+        .get(d.url("/v1/jobs/x"))
+        .header("cookie", cookie.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    let res = d
+        .http
+        .post(d.url("/v1/jobs/x/events"))
+        .header("cookie", cookie)
+        .json(&json!({"percent": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    d.stop().await;
+}

@@ -81,13 +81,23 @@ async fn schemathesis_finds_no_contradiction() {
     d.stop().await;
 }
 
-/// The checks and bounds of the run (SSE streams never end by themselves: a short request
-/// timeout ends each one).
+/// The checks and bounds of the run: every check but those that cannot hold here
+/// (`positive_data_acceptance`: WebSocket endpoints refuse plain GETs, and JSON Schema calls
+/// 45.0 an integer; `negative_data_rejection`: Last-Event-ID overrides a bad `?after=`;
+/// `ignored_auth`: auth is off in this run; `unsupported_method`: our 405 has no Allow
+/// header yet). SSE streams never end by themselves: a 1 s request timeout ends each one.
 const SCHEMATHESIS_ARGS: &[&str] = &[
+    "--workers",
+    "2",
     "--checks",
-    "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,response_headers_conformance",
+    "all",
+    "--exclude-checks",
+    "positive_data_acceptance,negative_data_rejection,ignored_auth,unsupported_method",
+    "--request-timeout",
+    "1",
     "--max-examples",
     "30",
-    "--request-timeout",
-    "2",
+    "--generation-database",
+    "none",
+    "--no-color",
 ];

@@ -91,36 +91,38 @@ fn raw_query() -> impl Filter<Extract = (String,), Error = Infallible> + Clone {
 /// The grant of the request's token: `Authorization: Bearer`, else `?access_token=`, else
 /// the `progressd_token` cookie.
 fn grant(state: AppState) -> impl Filter<Extract = (Grant,), Error = warp::Rejection> + Clone {
-    warp::header::optional::<String>("authorization")
-        .and(warp::header::optional::<String>("cookie"))
-        .and(raw_query())
-        .and_then(
-            move |authorization: Option<String>, cookie: Option<String>, query: String| {
-                let auth = state.auth.clone();
-                async move {
-                    let from_header = authorization.as_deref().and_then(|h| {
-                        let (scheme, token) = h.split_once(' ')?;
-                        scheme
-                            .eq_ignore_ascii_case("bearer")
-                            .then(|| token.trim().to_owned())
-                    });
-                    let token = from_header
-                        .or_else(|| {
-                            query_value(&query_pairs(&query), "access_token").map(str::to_owned)
-                        })
-                        .or_else(|| {
-                            cookie.as_deref().and_then(|c| {
-                                c.split(';')
-                                    .filter_map(|kv| kv.trim().split_once('='))
-                                    .find(|(k, _)| *k == "progressd_token")
-                                    .map(|(_, v)| v.to_owned())
-                            })
-                        });
-                    auth.grant(token.as_deref())
-                        .map_err(|e| error::reject(ApiError::Unauthorized(e)))
-                }
-            },
-        )
+    // Headers read as bytes: a cookie or header that is not plain text must not fail the
+    // request when it is not ours to read.
+    warp::header::headers_cloned().and(raw_query()).and_then(
+        move |headers: warp::http::HeaderMap, query: String| {
+            let auth = state.auth.clone();
+            async move {
+                let text = |name| headers.get(name).and_then(|v| v.to_str().ok());
+                let from_header = text("authorization").and_then(|h| {
+                    let (scheme, token) = h.split_once(' ')?;
+                    scheme
+                        .eq_ignore_ascii_case("bearer")
+                        .then(|| token.trim().to_owned())
+                });
+                let from_cookie = || {
+                    headers.get_all("cookie").iter().find_map(|v| {
+                        String::from_utf8_lossy(v.as_bytes())
+                            .split(';')
+                            .filter_map(|kv| kv.trim().split_once('='))
+                            .find(|(k, _)| *k == "progressd_token")
+                            .map(|(_, v)| v.to_owned())
+                    })
+                };
+                let token = from_header
+                    .or_else(|| {
+                        query_value(&query_pairs(&query), "access_token").map(str::to_owned)
+                    })
+                    .or_else(from_cookie);
+                auth.grant(token.as_deref())
+                    .map_err(|e| error::reject(ApiError::Unauthorized(e)))
+            }
+        },
+    )
 }
 
 /// Handlers return `Result<Response, ApiError>`; warp wants rejections.
