@@ -256,6 +256,7 @@ async fn unknown_paths_and_methods() {
     assert_eq!(error_code(&err), "job_not_found");
     let res = d.http.put(d.url("/v1/jobs/x")).send().await.unwrap();
     assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(res.headers()["allow"], "GET, DELETE");
     assert_eq!(
         error_code(&res.json::<Value>().await.unwrap()),
         "method_not_allowed"
@@ -267,8 +268,13 @@ async fn unknown_paths_and_methods() {
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(res.headers()["allow"], "GET, POST");
     let res = d.http.post(d.url("/v1/jobs")).send().await.unwrap();
     assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(res.headers()["allow"], "GET");
+    let res = d.http.post(d.url("/healthz")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(res.headers()["allow"], "GET");
     d.stop().await;
 }
 

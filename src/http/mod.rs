@@ -12,7 +12,9 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use percent_encoding::percent_decode_str;
+use warp::filters::path::FullPath;
 use warp::filters::BoxedFilter;
+use warp::http::Method;
 use warp::http::StatusCode;
 use warp::reply::{Reply, Response};
 use warp::Filter;
@@ -55,6 +57,8 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .or(export(state))
         .unify()
         .or(openapi())
+        .unify()
+        .or(wrong_method())
         .unify();
     if origins.is_empty() {
         // No CORS filter at all: a same-origin page's requests carry an Origin header too,
@@ -253,6 +257,45 @@ fn ws_many(state: AppState) -> impl Filter<Extract = (Response,), Error = warp::
         .and(with_state(state))
         .and(ws::upgrade())
         .map(ws::many_session)
+}
+
+/// Any route with a method it does not serve: `405` with the `Allow` header (RFC 9110).
+/// Tried last, so it only answers what every route above refused.
+fn wrong_method() -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    warp::method()
+        .and(warp::path::full())
+        .and_then(|method: Method, path: FullPath| async move {
+            match allowed_methods(path.as_str()) {
+                Some(allowed) if !allowed.contains(&method) => {
+                    let allow = allowed
+                        .iter()
+                        .map(Method::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    let mut res = ApiError::MethodNotAllowed.into_response();
+                    if let Ok(value) = warp::http::HeaderValue::from_str(&allow) {
+                        res.headers_mut().insert(warp::http::header::ALLOW, value);
+                    }
+                    Ok(res)
+                }
+                Some(_) | None => Err(warp::reject::not_found()),
+            }
+        })
+}
+
+/// The methods each route serves (mirrors the filters above).
+fn allowed_methods(path: &str) -> Option<&'static [Method]> {
+    const GET: &[Method] = &[Method::GET];
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["healthz"] | ["readyz"] | ["metrics"] => Some(GET),
+        ["v1", "jobs"] | ["v1", "stream"] | ["v1", "ws"] => Some(GET),
+        ["v1", "admin", "export"] | ["v1", "openapi.json"] => Some(GET),
+        ["v1", "jobs", _, "stream"] | ["v1", "jobs", _, "ws"] => Some(GET),
+        ["v1", "jobs", _, "events"] => Some(&[Method::GET, Method::POST]),
+        ["v1", "jobs", _] => Some(&[Method::GET, Method::DELETE]),
+        _ => None,
+    }
 }
 
 /// GET /v1/openapi.json  (the API's OpenAPI 3.1 description, kept in openapi/)
