@@ -97,13 +97,17 @@ async fn a_damaged_store_is_refused_not_served_empty() {
     let len = std::fs::metadata(&db).unwrap().len() as usize;
     let garbage: Vec<u8> = (0..len).map(|i| (i * 7919 % 251) as u8).collect();
     std::fs::write(&db, garbage).unwrap();
-    let out = Command::new("timeout")
-        .arg("20")
-        .arg(env!("CARGO_BIN_EXE_progressd"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    // Started under `timeout`: a daemon that serves instead of refusing shows up as 124.
+    let start = || {
+        Command::new("timeout")
+            .arg("20")
+            .arg(env!("CARGO_BIN_EXE_progressd"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .output()
+            .unwrap()
+    };
+    let out = start();
     assert_eq!(
         out.status.code(),
         Some(1),
@@ -114,12 +118,6 @@ async fn a_damaged_store_is_refused_not_served_empty() {
     assert!(err.contains(&dir.path().display().to_string()), "{err}");
     assert!(err.contains("progressd import"), "says what to do: {err}");
     // It stays refused: nothing "repaired" the store behind the operator's back.
-    let again = Command::new("timeout")
-        .arg("20")
-        .arg(env!("CARGO_BIN_EXE_progressd"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let again = start();
     assert_eq!(again.status.code(), Some(1));
 }
