@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 
 use crate::listen::ListenAddr;
+use crate::model::MAX_BATCH;
 use crate::store::Faults;
 
 #[derive(Debug, Parser)]
@@ -141,7 +142,7 @@ pub struct ServeArgs {
     )]
     pub max_subscriptions_per_socket: usize,
     /// Most updates in one batch (the contract allows 1000).
-    #[arg(long, env = "PROGRESSD_MAX_BATCH", default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    #[arg(long, env = "PROGRESSD_MAX_BATCH", default_value_t = MAX_BATCH as u16, value_parser = clap::value_parser!(u16).range(1..=MAX_BATCH as i64))]
     pub max_batch: u16,
     /// Largest page of GET /v1/jobs and history (the contract allows 1000).
     #[arg(long, env = "PROGRESSD_MAX_LIST", default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..=1000))]
@@ -256,7 +257,7 @@ impl Config {
             max_connections: 50_000,
             header_timeout: Duration::from_secs(10),
             max_subscriptions_per_socket: 100,
-            max_batch: 1000,
+            max_batch: MAX_BATCH,
             max_list: 1000,
             idempotency_window: Duration::from_secs(600),
             shutdown_timeout: Duration::from_secs(10),

@@ -190,11 +190,6 @@ impl Supervisor {
             }
         }
     }
-
-    /// Number of live tasks.
-    pub fn task_count(&self) -> usize {
-        self.tracker.len()
-    }
 }
 
 /// Awaits `fut`, logging and counting an error or a panic under `name`. True on success.
