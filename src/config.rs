@@ -34,6 +34,19 @@ pub enum Command {
     Export(ExportArgs),
     /// Restore an export into an empty data directory (with the daemon stopped).
     Import(ImportArgs),
+    /// Publish one update to a job; prints its seq.
+    Publish(crate::cli::publish::PublishArgs),
+    /// Follow a job live (a progress bar on a terminal, else a line per event), resuming
+    /// after disconnects. Exits 0 succeeded, 1 failed, 2 cancelled, 3 daemon unreachable,
+    /// 4 job deleted.
+    Watch(crate::cli::watch::WatchArgs),
+    /// Block until a job ends; prints how it ended. Exit codes as `watch`, and 124 when
+    /// --timeout runs out.
+    Wait(crate::cli::watch::WaitArgs),
+    /// List jobs: id, status, percent, stage, last update.
+    Jobs(crate::cli::jobs::JobsArgs),
+    /// Run a command as a job: its output lines become progress; exits with its exit code.
+    Exec(crate::cli::exec::ExecArgs),
 }
 
 #[derive(Debug, Args)]

@@ -24,6 +24,7 @@
 //! | [`supervisor`]   | every task: named, tracked, failures logged and counted, shutdown      |
 //! | [`systemd`]      | sd_notify: readiness, status, watchdog, stopping                       |
 //! | [`metrics`]      | counters and gauges for `/metrics`                                     |
+//! | [`cli`]          | the client commands: publish, watch, wait, jobs, exec                  |
 //!
 //! [`run`] is the daemon: it takes a bound listener and a shutdown token, so the binary and
 //! the tests drive the same code.
@@ -32,6 +33,7 @@
 
 pub mod auth;
 pub mod backup;
+pub mod cli;
 pub mod config;
 pub mod http;
 pub mod hub;

@@ -10,6 +10,7 @@ use tracing_subscriber::EnvFilter;
 
 use std::io::Write;
 
+use progressd::cli;
 use progressd::config::{Cli, Command, ExportArgs, ImportArgs, LogFormat, ServeArgs};
 use progressd::{Config, Listener};
 
@@ -19,6 +20,11 @@ fn main() -> ExitCode {
         Command::CheckConfig(args) => check_config(args),
         Command::Export(args) => export(args),
         Command::Import(args) => import(args),
+        Command::Publish(args) => cli::block_on(cli::publish::run(args)),
+        Command::Watch(args) => cli::block_on(cli::watch::watch(args)),
+        Command::Wait(args) => cli::block_on(cli::watch::wait(args)),
+        Command::Jobs(args) => cli::block_on(cli::jobs::run(args)),
+        Command::Exec(args) => cli::block_on(cli::exec::run(args)),
     }
 }
 

@@ -101,18 +101,29 @@ impl Status {
 
 /// One update as a publisher sends it. Unknown fields are refused by serde, whose message
 /// names the field and lists the allowed ones.
-#[derive(Debug, Default, Deserialize)]
+/// The client commands (`progressd publish`, `exec`) serialize it: absent fields stay absent.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Update {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<Status>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub percent: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub current: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub total: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub stage: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     /// `Some(Value::Null)` when the publisher sent `"data": null`, which is a value like any
     /// other; `None` when the field is absent.
-    #[serde(default, deserialize_with = "present")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub data: Option<serde_json::Value>,
 }
 
