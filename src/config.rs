@@ -47,6 +47,9 @@ pub enum Command {
     Jobs(crate::cli::jobs::JobsArgs),
     /// Run a command as a job: its output lines become progress; exits with its exit code.
     Exec(crate::cli::exec::ExecArgs),
+    /// Load-test a daemon (or another SSE server): publish, fanout, idle, resume-storm,
+    /// startup.
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Args)]

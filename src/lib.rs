@@ -25,6 +25,7 @@
 //! | [`systemd`]      | sd_notify: readiness, status, watchdog, stopping                       |
 //! | [`metrics`]      | counters and gauges for `/metrics`                                     |
 //! | [`cli`]          | the client commands: publish, watch, wait, jobs, exec                  |
+//! | [`bench`]        | `progressd bench`: the load generator (publish, fanout, idle, …)       |
 //!
 //! [`run`] is the daemon: it takes a bound listener and a shutdown token, so the binary and
 //! the tests drive the same code.
@@ -33,6 +34,7 @@
 
 pub mod auth;
 pub mod backup;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod http;

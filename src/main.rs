@@ -25,6 +25,7 @@ fn main() -> ExitCode {
         Command::Wait(args) => cli::block_on(cli::watch::wait(args)),
         Command::Jobs(args) => cli::block_on(cli::jobs::run(args)),
         Command::Exec(args) => cli::block_on(cli::exec::run(args)),
+        Command::Bench(args) => progressd::bench::run(args),
     }
 }
 
