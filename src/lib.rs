@@ -24,6 +24,7 @@
 //! | [`supervisor`]   | every task: named, tracked, failures logged and counted, shutdown      |
 //! | [`systemd`]      | sd_notify: readiness, status, watchdog, stopping                       |
 //! | [`metrics`]      | counters and gauges for `/metrics`                                     |
+//! | [`dashboard`]    | the live dashboard page served at `/` (built in, no external assets)   |
 //! | [`cli`]          | the client commands: publish, watch, wait, jobs, exec                  |
 //! | [`bench`]        | `progressd bench`: the load generator (publish, fanout, idle, …)       |
 //!
@@ -37,6 +38,7 @@ pub mod backup;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod dashboard;
 pub mod http;
 pub mod hub;
 pub mod listen;

@@ -40,6 +40,7 @@ async fn the_document_is_served_and_names_every_route() {
         ("/healthz", &["get"]),
         ("/readyz", &["get"]),
         ("/metrics", &["get"]),
+        ("/", &["get"]),
     ] {
         for m in methods {
             assert!(paths[path][*m].is_object(), "{m} {path} is not described");

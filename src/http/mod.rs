@@ -58,6 +58,8 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .unify()
         .or(openapi())
         .unify()
+        .or(dashboard())
+        .unify()
         .or(wrong_method())
         .unify();
     if origins.is_empty() {
@@ -288,6 +290,7 @@ fn allowed_methods(path: &str) -> Option<&'static [Method]> {
     const GET: &[Method] = &[Method::GET];
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match segments.as_slice() {
+        [""] => Some(&[Method::GET, Method::HEAD]),
         ["healthz"] | ["readyz"] | ["metrics"] => Some(GET),
         ["v1", "jobs"] | ["v1", "stream"] | ["v1", "ws"] => Some(GET),
         ["v1", "admin", "export"] | ["v1", "openapi.json"] => Some(GET),
@@ -304,6 +307,13 @@ fn openapi() -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Cl
     warp::path!("v1" / "openapi.json")
         .and(warp::get())
         .map(|| json_response(StatusCode::OK, DOC.to_owned()))
+}
+
+/// GET / and HEAD /  (the dashboard page; it needs no token, its API calls do)
+fn dashboard() -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    warp::path::end()
+        .and(warp::get().or(warp::head()).unify())
+        .map(crate::dashboard::page)
 }
 
 /// GET /v1/admin/export?cursor=&limit=  (a page of the backup, as JSON lines)
