@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
-use futures_util::StreamExt;
 use serde_json::json;
 
 use super::sse::{self, Seen};
@@ -84,10 +83,12 @@ pub fn run(b: FanoutBench) -> Result<Report, String> {
     let results = on_threads(threads, |thread| {
         let (run, clients, shared, b) = (&run, &clients, &shared, &b);
         async move {
-            let subs = futures_util::stream::iter((thread..b.subscribers).step_by(threads))
-                .map(|i| subscriber(b, run, &clients[i % clients.len()], shared, i))
-                .buffer_unordered(b.connect_concurrency.max(1))
-                .collect::<Vec<Seen>>();
+            let connecting = tokio::sync::Semaphore::new(b.connect_concurrency.max(1));
+            let connecting = &connecting;
+            let subs =
+                futures_util::future::join_all((thread..b.subscribers).step_by(threads).map(|i| {
+                    subscriber(b, run, &clients[i % clients.len()], shared, connecting, i)
+                }));
             if thread == 0 {
                 let (seen, tally) = tokio::join!(subs, publisher(b, run, &clients[0], shared));
                 (seen, Some(tally))
@@ -122,7 +123,7 @@ pub fn run(b: FanoutBench) -> Result<Report, String> {
     }
     // Every subscriber is done (all delivered, or the grace ran out): the server's work for
     // this run is over.
-    let cpu = match (tally.cpu_before, t.pid.and_then(super::cpu_time)) {
+    let cpu = match (tally.cpu_before, t.server_cpu()) {
         (Some(a), Some(z)) => Some((z - a).as_secs_f64()),
         _ => None,
     };
@@ -177,6 +178,7 @@ async fn subscriber(
     run: &str,
     client: &reqwest::Client,
     shared: &Shared,
+    connecting: &tokio::sync::Semaphore,
     i: usize,
 ) -> Seen {
     let jobs = b.jobs.max(1);
@@ -190,10 +192,13 @@ async fn subscriber(
         let waited = super::now_us().saturating_sub(shared.finished_at_us.load(Ordering::Relaxed));
         seen.last_n >= target || waited > b.grace.as_micros() as u64
     };
+    // At most --connect-concurrency handshakes at once; reading is not limited.
+    let permit = connecting.acquire().await;
     match b.transport {
         Transport::Sse => match sse::connect(client, &b.target, &job, None).await {
             Ok(res) => {
                 shared.settled.fetch_add(1, Ordering::AcqRel);
+                drop(permit);
                 sse::consume(res, &mut seen, &done).await;
             }
             Err(e) => {
@@ -206,6 +211,7 @@ async fn subscriber(
             let url = super::fill(&b.ws_url, &b.target.url, &job).replacen("http", "ws", 1);
             // The subscription is made during the handshake; count it settled just before.
             shared.settled.fetch_add(1, Ordering::AcqRel);
+            drop(permit);
             sse::consume_ws(&url, &mut seen, &done).await;
         }
     }
@@ -232,7 +238,7 @@ async fn publisher(
         .map(|j| b.target.publish_url(&b.target.job(run, j)))
         .collect();
     let mut tally = PublisherTally::default();
-    let cpu_before = b.target.pid.and_then(super::cpu_time);
+    let cpu_before = b.target.server_cpu();
     let start = Instant::now();
     let interval = Duration::from_secs_f64(1.0 / b.rate.max(0.001));
     let mut k: u64 = 0;

@@ -7,7 +7,7 @@ use clap::Args;
 use futures_util::StreamExt;
 use serde_json::json;
 
-use super::{on_threads, rss_kib, sse, Report, Target};
+use super::{on_threads, sse, Report, Target};
 
 #[derive(Debug, Args)]
 pub struct IdleBench {
@@ -31,7 +31,7 @@ pub fn run(b: IdleBench) -> Result<Report, String> {
     let t = &b.target;
     let run = format!("{}-idle", t.run_prefix());
     let clients = t.clients()?;
-    let before = t.pid.and_then(rss_kib);
+    let before = t.server_rss_kib();
     let threads = t.threads.max(1);
     let barrier = std::sync::Barrier::new(threads);
     let per_thread = on_threads(threads, |thread| {
@@ -50,9 +50,9 @@ pub fn run(b: IdleBench) -> Result<Report, String> {
             // Every thread's connections are open before the memory is read, and held while
             // it is.
             barrier.wait();
-            let rss = t.pid.and_then(rss_kib);
+            let rss = t.server_rss_kib();
             tokio::time::sleep(b.hold).await;
-            let held_rss = t.pid.and_then(rss_kib);
+            let held_rss = t.server_rss_kib();
             let errors: Vec<String> = opened
                 .iter()
                 .filter_map(|r| r.as_ref().err().cloned())

@@ -71,9 +71,10 @@ pub struct Target {
     /// A Bearer token for every request.
     #[arg(long, env = "PROGRESSD_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// The server's process id: its CPU time and RSS are read from /proc.
-    #[arg(long)]
-    pub pid: Option<u32>,
+    /// The server's process ids (comma-separated, e.g. nginx's master and workers): their
+    /// CPU time and RSS, summed, are read from /proc.
+    #[arg(long, value_delimiter = ',')]
+    pub pid: Vec<u32>,
     /// Spread client connections over this many source addresses 127.0.0.1…, so that
     /// 10,000+ connections do not run out of ephemeral ports.
     #[arg(long, default_value_t = 16)]
@@ -140,6 +141,25 @@ impl Target {
                 b.build().map_err(|e| e.to_string())
             })
             .collect()
+    }
+
+    /// CPU time of the server's processes, if `--pid` named them.
+    pub fn server_cpu(&self) -> Option<Duration> {
+        (!self.pid.is_empty())
+            .then(|| {
+                self.pid
+                    .iter()
+                    .map(|&p| cpu_time(p))
+                    .sum::<Option<Duration>>()
+            })
+            .flatten()
+    }
+
+    /// Resident memory of the server's processes in KiB, if `--pid` named them.
+    pub fn server_rss_kib(&self) -> Option<u64> {
+        (!self.pid.is_empty())
+            .then(|| self.pid.iter().map(|&p| rss_kib(p)).sum::<Option<u64>>())
+            .flatten()
     }
 
     pub fn authorized(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {

@@ -35,7 +35,7 @@ pub fn run(b: PublishBench) -> Result<Report, String> {
     let t = &b.target;
     let run = t.run_prefix();
     let clients = t.clients()?;
-    let cpu_before = t.pid.and_then(super::cpu_time);
+    let cpu_before = t.server_cpu();
     let started = Instant::now();
     let deadline = started + b.duration;
     let threads = t.threads.max(1).min(b.connections.max(1));
@@ -83,7 +83,7 @@ pub fn run(b: PublishBench) -> Result<Report, String> {
         }
     })?;
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu = match (cpu_before, t.pid.and_then(super::cpu_time)) {
+    let cpu = match (cpu_before, t.server_cpu()) {
         (Some(a), Some(b)) => Some((b - a).as_secs_f64()),
         _ => None,
     };
