@@ -86,9 +86,12 @@ async fn schemathesis_finds_no_contradiction() {
 /// (`positive_data_acceptance`: WebSocket endpoints refuse plain GETs, and JSON Schema calls
 /// 45.0 an integer; `negative_data_rejection`: Last-Event-ID overrides a bad `?after=`;
 /// `ignored_auth`: auth is off in this run). SSE streams never end by themselves: a 1 s request timeout ends each one.
+/// One worker: with two, schemathesis 4.32.5 now and then crashes in its own generation cache
+/// (a `KeyError` raised inside `schemathesis.generation.coverage`, no check failing), a race
+/// between its worker threads rather than anything the daemon answered.
 const SCHEMATHESIS_ARGS: &[&str] = &[
     "--workers",
-    "2",
+    "1",
     "--checks",
     "all",
     "--exclude-checks",
