@@ -70,6 +70,23 @@ pub enum ListenError {
     },
 }
 
+/// Connections the kernel queues before we accept them (capped by `net.core.somaxconn`):
+/// thousands of clients reconnect at once after a restart, and with tokio's default of 1,024
+/// the rest have their SYNs dropped and retry only after 1 s, 3 s, 7 s… The socket unit asks
+/// for the same.
+const BACKLOG: u32 = 4096;
+
+fn bind_tcp(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    // As std and tokio do: a restarted daemon rebinds while old connections sit in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
 impl Listener {
     /// Binds `addr`. A Unix socket gets `mode`; a stale socket file left by a previous run is
     /// replaced, but never one that something still listens on.
@@ -79,7 +96,7 @@ impl Listener {
             source,
         };
         match addr {
-            ListenAddr::Tcp(sa) => TcpListener::bind(sa).await.map(Listener::Tcp).map_err(err),
+            ListenAddr::Tcp(sa) => bind_tcp(*sa).map(Listener::Tcp).map_err(err),
             ListenAddr::Unix(path) => {
                 remove_stale(path, addr).await?;
                 let listener = UnixListener::bind(path).map_err(err)?;
