@@ -314,27 +314,19 @@ where
 }
 
 pub fn run(args: BenchArgs) -> ExitCode {
-    let (result, as_json) = match args.scenario {
-        Scenario::Publish(b) => {
-            let j = b.target.json;
-            (publish::run(b), j)
-        }
-        Scenario::Fanout(b) => {
-            let j = b.target.json;
-            (fanout::run(b), j)
-        }
-        Scenario::Idle(b) => {
-            let j = b.target.json;
-            (idle::run(b), j)
-        }
-        Scenario::ResumeStorm(b) => {
-            let j = b.target.json;
-            (resume::run(b), j)
-        }
-        Scenario::Startup(b) => {
-            let j = b.json;
-            (startup::run(b), j)
-        }
+    let as_json = match &args.scenario {
+        Scenario::Publish(b) => b.target.json,
+        Scenario::Fanout(b) => b.target.json,
+        Scenario::Idle(b) => b.target.json,
+        Scenario::ResumeStorm(b) => b.target.json,
+        Scenario::Startup(b) => b.json,
+    };
+    let result = match args.scenario {
+        Scenario::Publish(b) => publish::run(b),
+        Scenario::Fanout(b) => fanout::run(b),
+        Scenario::Idle(b) => idle::run(b),
+        Scenario::ResumeStorm(b) => resume::run(b),
+        Scenario::Startup(b) => startup::run(b),
     };
     match result {
         Ok(report) => {
