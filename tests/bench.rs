@@ -65,7 +65,7 @@ fn every_scenario_runs_and_is_correct() {
             transport,
         ]));
         let res = &r["results"];
-        assert!(res["published"].as_u64().unwrap() >= 20, "{r}");
+        assert!(res["published"].as_u64().unwrap() >= 5, "{r}");
         assert_eq!(res["delivered"], res["expected"], "{r}");
         assert_eq!(
             res["expected"].as_u64().unwrap(),

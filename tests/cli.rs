@@ -237,7 +237,7 @@ async fn wait_exits_with_the_outcome() {
 
     // A running job: the timeout, with the state it was in.
     d.publish_ok("slow", json!({"percent": 30})).await;
-    let out = run(&d.base, &["wait", "slow", "--timeout", "300ms"]).await;
+    let out = run(&d.base, &["wait", "slow", "--timeout", "2s"]).await;
     assert_eq!(out.status.code(), Some(124));
     assert!(text(&out.stderr).contains("slow still running at 30%"));
 
