@@ -147,6 +147,8 @@ fn sse_event(frame: Frame, ids: Ids) -> Event {
             .event(if reset { "reset" } else { "snapshot" })
             .id(seq.to_string())
             .data(json),
+        // `id:` alone: EventSource records it as its Last-Event-ID and fires no event.
+        Frame::Position { offset } => Event::default().id(offset.to_string()),
         Frame::ResetAll { offset, json } => Event::default()
             .event("reset")
             .id(offset.to_string())

@@ -55,6 +55,12 @@ pub enum Frame {
         seq: u64,
         json: String,
     },
+    /// Where a multi-job stream without a resume point starts (the head when it subscribed):
+    /// sent first, as an id without an event, so that a client reconnecting before any event
+    /// arrived still resumes from there rather than from a later present.
+    Position {
+        offset: u64,
+    },
     /// The reset of a multi-job stream: `{"jobs":[...]}` of every matching job, at `offset`.
     ResetAll {
         offset: u64,
@@ -449,11 +455,15 @@ impl ManySubscription {
     async fn follow(mut self, src: &Source, out: Out<'_>) -> Result<(), SubscriptionError> {
         // `last` is the last offset accounted for: delivered, or known not to match.
         let mut last = self.now;
-        if let Some(n) = self.resume {
-            if n > src.writer.visible() || self.lost_after(src, n)? {
+        match self.resume {
+            Some(n) if n > src.writer.visible() || self.lost_after(src, n)? => {
                 last = self.reset(src, &out).await?;
-            } else {
-                last = n;
+            }
+            Some(n) => last = n,
+            None => {
+                if !out.send(Frame::Position { offset: self.now }).await {
+                    return Ok(());
+                }
             }
         }
         self.catch_up(src, &out, &mut last).await?;

@@ -226,7 +226,10 @@ impl Session {
                     let closing = match &frame {
                         Frame::End { .. } | Frame::Removed { .. } => Some((NORMAL, "job finished")),
                         Frame::Failed { .. } => Some((INTERNAL, "subscription failed; reconnect")),
-                        Frame::Snapshot { .. } | Frame::ResetAll { .. } | Frame::Event(_) => None,
+                        Frame::Snapshot { .. }
+                        | Frame::ResetAll { .. }
+                        | Frame::Position { .. }
+                        | Frame::Event(_) => None,
                     };
                     sink.send(Message::text(ws_text(frame))).await.map_err(WsError::Send)?;
                     if self.single && closing.is_some() {
@@ -375,6 +378,9 @@ fn ws_text(frame: Frame) -> String {
         })),
         // Never produced for a WebSocket: its subscriptions are per job.
         Frame::ResetAll { json, .. } => json,
+        Frame::Position { offset } => {
+            to_json_line(&serde_json::json!({"type": "position", "offset": offset}))
+        }
     }
 }
 

@@ -178,6 +178,12 @@ impl Client {
                 );
                 *seen = e.seq;
             }
+            (None, Frame::Position { offset }) => {
+                // Only a first connection (no resume point) starts with one: the head when it
+                // subscribed, from which it resumes if it drops before any event.
+                assert!(self.seqs.is_empty(), "a position after events");
+                assert_eq!(offset, self.last, "the stream starts at the head");
+            }
             (None, Frame::ResetAll { offset, json }) => {
                 let lost = self.seqs.iter().any(|(job, seq)| {
                     let j: usize = job.trim_start_matches("job-").parse().unwrap();

@@ -405,3 +405,35 @@ async fn shutdown_ends_open_streams() {
     one.expect_closed().await;
     many.expect_closed().await;
 }
+
+/// A fresh multi-job stream says where it starts (`id:` alone, which EventSource records
+/// without firing an event), so a client that drops before any event resumes from there:
+/// what was published while it was away is delivered, not skipped as "the past".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_many_job_stream_gives_a_resume_point_before_any_event() {
+    let d = Daemon::start().await;
+    d.publish_ok("before", json!({"percent": 1})).await; // offset 1
+    let mut res = d.http.get(d.url("/v1/stream")).send().await.unwrap();
+    let mut raw = String::new();
+    while !raw.contains("id:") || !raw.ends_with("\n\n") {
+        let chunk = tokio::time::timeout(common::PATIENCE, res.chunk())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        raw.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    assert!(
+        raw.ends_with("\nid:1\n\n"),
+        "an id-only block at the head: {raw:?}"
+    );
+    assert!(!raw.contains("data:"), "no event is fired: {raw:?}");
+    drop(res);
+
+    d.publish_ok("away", json!({"percent": 2})).await; // offset 2, while disconnected
+    let (_, mut sse) = d.sse("/v1/stream", Some("1")).await;
+    let ev = sse.expect().await;
+    assert_eq!((ev.event.as_str(), ev.id.as_str()), ("progress", "2"));
+    assert_eq!(ev.data["job"], "away");
+    d.stop().await;
+}
