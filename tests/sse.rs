@@ -13,6 +13,20 @@ fn seq_of(e: &SseEvent) -> u64 {
     e.id.parse().unwrap()
 }
 
+/// The stream's bytes as they come, until `done` says enough.
+async fn read_raw_until(res: &mut reqwest::Response, done: impl Fn(&str) -> bool) -> String {
+    let mut raw = String::new();
+    while !done(&raw) {
+        let chunk = tokio::time::timeout(common::PATIENCE, res.chunk())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        raw.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    raw
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_retry_and_keepalive_are_on_the_wire() {
     let d = Daemon::with(|c| {
@@ -26,15 +40,7 @@ async fn headers_retry_and_keepalive_are_on_the_wire() {
     assert_eq!(h["content-type"], "text/event-stream");
     assert_eq!(h["cache-control"], "no-cache");
     assert_eq!(h["x-accel-buffering"], "no");
-    let mut raw = String::new();
-    while !raw.contains(": keepalive") {
-        let chunk = tokio::time::timeout(common::PATIENCE, res.chunk())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        raw.push_str(std::str::from_utf8(&chunk).unwrap());
-    }
+    let raw = read_raw_until(&mut res, |raw| raw.contains(": keepalive")).await;
     assert!(raw.starts_with("retry:2500\n"), "{raw:?}");
     d.stop().await;
 }
@@ -414,15 +420,7 @@ async fn a_fresh_many_job_stream_gives_a_resume_point_before_any_event() {
     let d = Daemon::start().await;
     d.publish_ok("before", json!({"percent": 1})).await; // offset 1
     let mut res = d.http.get(d.url("/v1/stream")).send().await.unwrap();
-    let mut raw = String::new();
-    while !raw.contains("id:") || !raw.ends_with("\n\n") {
-        let chunk = tokio::time::timeout(common::PATIENCE, res.chunk())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        raw.push_str(std::str::from_utf8(&chunk).unwrap());
-    }
+    let raw = read_raw_until(&mut res, |raw| raw.contains("id:") && raw.ends_with("\n\n")).await;
     assert!(
         raw.ends_with("\nid:1\n\n"),
         "an id-only block at the head: {raw:?}"

@@ -248,23 +248,11 @@ async fn publisher(
         let j = (k % jobs as u64) as usize;
         let n = shared.published[j].load(Ordering::Relaxed) + 1;
         let sent = Instant::now();
-        let res = b
-            .target
-            .authorized(client.post(&urls[j]))
-            .header("content-type", "application/json")
-            .body(b.target.body(n, 1))
-            .send()
-            .await;
-        match res {
-            Ok(r) if r.status().is_success() => {
-                let _ = r.bytes().await;
+        match b.target.post(client, &urls[j], b.target.body(n, 1)).await {
+            Ok(()) => {
                 tally.latencies.0.push(sent.elapsed().as_micros() as u64);
                 tally.events += 1;
                 shared.published[j].store(n, Ordering::Relaxed);
-            }
-            Ok(r) => {
-                tally.errors += 1;
-                eprintln!("progressd bench: publish: {}", r.status());
             }
             Err(e) => {
                 tally.errors += 1;

@@ -162,6 +162,30 @@ impl Target {
             .flatten()
     }
 
+    /// POSTs a JSON `body` to `url`. `Ok` for a 2xx, whose answer is read so the connection
+    /// is reused; otherwise the status and answer, or the transport error.
+    pub async fn post(
+        &self,
+        client: &reqwest::Client,
+        url: &str,
+        body: String,
+    ) -> Result<(), String> {
+        let res = self
+            .authorized(client.post(url))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = res.status();
+        let text = res.text().await.map_err(|e| e.to_string())?;
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!("{status}: {text}"))
+        }
+    }
+
     pub fn authorized(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match &self.token {
             Some(t) => req.bearer_auth(t),

@@ -51,29 +51,15 @@ pub fn run(b: PublishBench) -> Result<Report, String> {
                 while Instant::now() < deadline {
                     let body = t.body(n, b.batch);
                     let sent = Instant::now();
-                    let res = t
-                        .authorized(client.post(&url))
-                        .header("content-type", "application/json")
-                        .body(body)
-                        .send()
-                        .await;
-                    match res {
-                        Ok(r) if r.status().is_success() => {
-                            // Read the answer so the connection is reused.
-                            let _ = r.bytes().await;
+                    match t.post(client, &url, body).await {
+                        Ok(()) => {
                             tally.latencies.0.push(sent.elapsed().as_micros() as u64);
                             tally.events += b.batch;
                             n += b.batch;
                         }
-                        Ok(r) => {
-                            tally.errors += 1;
-                            let status = r.status();
-                            let text = r.text().await.unwrap_or_default();
-                            tally.first_error.get_or_insert(format!("{status}: {text}"));
-                        }
                         Err(e) => {
                             tally.errors += 1;
-                            tally.first_error.get_or_insert(e.to_string());
+                            tally.first_error.get_or_insert(e);
                         }
                     }
                 }

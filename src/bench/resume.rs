@@ -202,22 +202,12 @@ async fn publisher(b: &ResumeBench, run: &str, client: &reqwest::Client, shared:
     let mut errors = 0;
     let publish = |j: usize, count: u64| {
         let first = shared.published[j].load(Ordering::Relaxed) + 1;
-        let body = b.target.body(first, count);
-        let req = b
-            .target
-            .authorized(client.post(&urls[j]))
-            .header("content-type", "application/json")
-            .body(body);
+        let (body, url) = (b.target.body(first, count), &urls[j]);
         async move {
-            match req.send().await {
-                Ok(r) if r.status().is_success() => {
-                    let _ = r.bytes().await;
+            match b.target.post(client, url, body).await {
+                Ok(()) => {
                     shared.published[j].store(first + count - 1, Ordering::Relaxed);
                     true
-                }
-                Ok(r) => {
-                    eprintln!("progressd bench: publish: {}", r.status());
-                    false
                 }
                 Err(e) => {
                     eprintln!("progressd bench: publish: {e}");
