@@ -237,7 +237,7 @@ struct Reporter<'a> {
 
 impl<'a> Reporter<'a> {
     async fn publish(&self, updates: Vec<Update>) -> Result<Published, CliError> {
-        self.client.publish(self.job, &updates).await
+        self.client.publish(self.job, &updates, None).await
     }
 
     /// The job's ending: retried while the daemon is unavailable, under one Idempotency-Key
@@ -248,16 +248,10 @@ impl<'a> Reporter<'a> {
             .map(|d| d.as_nanos())
             .unwrap_or_default();
         let key = format!("exec-{}-{nanos}", std::process::id());
-        let url = self.client.job_url(self.job, "/events");
         let mut delay = Duration::from_millis(200);
         let mut attempt = 1;
         loop {
-            let req = self
-                .client
-                .post(&url)
-                .header("idempotency-key", &key)
-                .json(&updates);
-            match self.client.json(req).await {
+            match self.client.publish(self.job, &updates, Some(&key)).await {
                 Err(e) if e.is_transient() && attempt < 5 => {
                     attempt += 1;
                     tokio::time::sleep(delay).await;

@@ -201,12 +201,22 @@ impl Client {
         Err(api_error(res).await)
     }
 
-    /// `POST /v1/jobs/{job}/events` with one update or a batch.
-    pub async fn publish(&self, job: &str, updates: &[Update]) -> Result<Published, CliError> {
+    /// `POST /v1/jobs/{job}/events` with one update or a batch, under an `Idempotency-Key`
+    /// when one is given (a repeat then stores nothing and answers the first seq).
+    pub async fn publish(
+        &self,
+        job: &str,
+        updates: &[Update],
+        key: Option<&str>,
+    ) -> Result<Published, CliError> {
         let req = self.post(&self.job_url(job, "/events"));
         let req = match updates {
             [one] => req.json(one),
             many => req.json(many),
+        };
+        let req = match key {
+            Some(key) => req.header("idempotency-key", key),
+            None => req,
         };
         self.json(req).await
     }

@@ -59,13 +59,9 @@ pub async fn run(args: PublishArgs) -> ExitCode {
     };
     let result = async {
         let client = Client::new(&args.client)?;
-        let mut req = client
-            .post(&client.job_url(&args.job, "/events"))
-            .json(&update);
-        if let Some(key) = &args.idempotency_key {
-            req = req.header("idempotency-key", key);
-        }
-        client.json::<super::Published>(req).await
+        client
+            .publish(&args.job, &[update], args.idempotency_key.as_deref())
+            .await
     }
     .await;
     match result {
