@@ -10,13 +10,17 @@
 //! `subscription.rs`). Memory is bounded by the channel capacities, not by client speed.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
+use bytes::Bytes;
 use tokio::sync::broadcast;
 
 use crate::model::{Event, Status};
 
 /// A durable event, rendered to JSON once by the writer and shared by every subscriber.
+///
+/// Its frames on the wire are rendered by the first subscriber that sends one and shared by
+/// all the others: a delivery is a reference count, never a serialization.
 #[derive(Debug)]
 pub struct EventMsg {
     pub job: Arc<str>,
@@ -27,6 +31,12 @@ pub struct EventMsg {
     /// Set when this event ended the job.
     pub terminal: Option<Status>,
     pub json: String,
+    /// The SSE block with the seq as id (per-job streams), once rendered.
+    pub sse_by_seq: OnceLock<Bytes>,
+    /// The SSE block with the offset as id (multi-job streams), once rendered.
+    pub sse_by_offset: OnceLock<Bytes>,
+    /// The WebSocket text frame, once rendered.
+    pub ws_text: OnceLock<String>,
 }
 
 impl EventMsg {
@@ -39,6 +49,9 @@ impl EventMsg {
             offset: event.offset,
             terminal: event.change.status.filter(|s| s.is_terminal()),
             json: event.to_json(),
+            sse_by_seq: OnceLock::new(),
+            sse_by_offset: OnceLock::new(),
+            ws_text: OnceLock::new(),
         }
     }
 }
@@ -183,6 +196,9 @@ mod tests {
             offset: seq,
             terminal: None,
             json: String::new(),
+            sse_by_seq: OnceLock::new(),
+            sse_by_offset: OnceLock::new(),
+            ws_text: OnceLock::new(),
         }))
     }
 

@@ -7,10 +7,16 @@
 //! lets warp's graceful shutdown finish instead of waiting on an endless stream.
 
 use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
-use futures_util::{stream, StreamExt};
+use bytes::Bytes;
+use futures_util::{stream, Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use warp::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use warp::http::{HeaderValue, StatusCode};
 use warp::reply::{Reply, Response};
 use warp::sse::Event;
@@ -109,7 +115,7 @@ pub fn filter(pairs: &[(String, String)], grant: &Grant) -> Result<Filter, ApiEr
 }
 
 fn respond(state: &AppState, rx: mpsc::Receiver<Frame>, ids: Ids, grant: &Grant) -> Response {
-    let retry = state.config.retry;
+    let retry = retry_block(state.config.retry);
     let token = state.supervisor.token().clone();
     // A stream lives no longer than its token: it just closes (no `end`: the job goes on).
     let expiry = grant.remaining();
@@ -119,24 +125,87 @@ fn respond(state: &AppState, rx: mpsc::Receiver<Frame>, ids: Ids, grant: &Grant)
             None => std::future::pending().await,
         }
     };
-    let events = stream::once(async move { Ok::<_, Infallible>(Event::default().retry(retry)) })
-        .chain(ReceiverStream::new(rx).map(move |frame| Ok(sse_event(frame, ids))))
+    let frames = ReceiverStream::new(rx).map(move |frame| block(frame, ids));
+    let again = retry.clone();
+    let body = stream::once(std::future::ready(retry))
+        .chain(KeepAlive::new(frames, state.config.keepalive))
         .take_until(expired)
         // A stream ended by shutdown says when to come back; EventSource then resumes with
         // Last-Event-ID against the restarted daemon.
         .chain(
-            stream::once(async move { token.is_cancelled() }).filter_map(move |stopping| {
-                std::future::ready(stopping.then(|| Ok(Event::default().retry(retry))))
-            }),
-        );
-    let body = warp::sse::keep_alive()
-        .interval(state.config.keepalive)
-        .text(" keepalive")
-        .stream(events);
-    let mut res = warp::sse::reply(body).into_response();
-    res.headers_mut()
-        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+            stream::once(async move { token.is_cancelled() })
+                .filter_map(move |stopping| std::future::ready(stopping.then(|| again.clone()))),
+        )
+        .map(Ok::<_, Infallible>);
+    let mut res = warp::reply::stream(body).into_response();
+    let headers = res.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     res
+}
+
+fn retry_block(retry: Duration) -> Bytes {
+    Bytes::from(Event::default().retry(retry).to_string())
+}
+
+/// The bytes of one frame. An event's block is rendered once, by whichever of its
+/// subscribers gets there first, and shared by the others.
+fn block(frame: Frame, ids: Ids) -> Bytes {
+    match (frame, ids) {
+        (Frame::Event(e), Ids::Seq) => e
+            .sse_by_seq
+            .get_or_init(|| render(Frame::Event(Arc::clone(&e)), ids))
+            .clone(),
+        (Frame::Event(e), Ids::Offset) => e
+            .sse_by_offset
+            .get_or_init(|| render(Frame::Event(Arc::clone(&e)), ids))
+            .clone(),
+        (frame, ids) => render(frame, ids),
+    }
+}
+
+fn render(frame: Frame, ids: Ids) -> Bytes {
+    Bytes::from(sse_event(frame, ids).to_string())
+}
+
+/// A `: keepalive` comment in every keepalive interval in which nothing else was sent. A
+/// ticking interval rather than a timer reset per frame: a delivery costs no timer work.
+struct KeepAlive<S> {
+    frames: S,
+    tick: tokio::time::Interval,
+    /// Nothing was sent since the last tick.
+    quiet: bool,
+}
+
+impl<S> KeepAlive<S> {
+    fn new(frames: S, every: Duration) -> KeepAlive<S> {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        KeepAlive {
+            frames,
+            tick,
+            quiet: true,
+        }
+    }
+}
+
+impl<S: Stream<Item = Bytes> + Unpin> Stream for KeepAlive<S> {
+    type Item = Bytes;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        if let Poll::Ready(next) = self.frames.poll_next_unpin(cx) {
+            self.quiet = false;
+            return Poll::Ready(next);
+        }
+        while self.tick.poll_tick(cx).is_ready() {
+            if self.quiet {
+                return Poll::Ready(Some(Bytes::from_static(b": keepalive\n\n")));
+            }
+            self.quiet = true;
+        }
+        Poll::Pending
+    }
 }
 
 fn sse_event(frame: Frame, ids: Ids) -> Event {

@@ -363,7 +363,10 @@ fn ws_text(frame: Frame) -> String {
             let kind = if reset { "reset" } else { "snapshot" };
             format!(r#"{{"type":"{kind}","job":{json}}}"#)
         }
-        Frame::Event(e) => format!(r#"{{"type":"event","event":{}}}"#, e.json),
+        Frame::Event(e) => e
+            .ws_text
+            .get_or_init(|| format!(r#"{{"type":"event","event":{}}}"#, e.json))
+            .clone(),
         Frame::End { job, status } => {
             to_json_line(&serde_json::json!({"type": "end", "job": &*job, "status": status}))
         }
