@@ -243,7 +243,8 @@ pub struct Config {
     pub cache_bytes: u64,
     /// How often retention looks for expired jobs.
     pub gc_interval: Duration,
-    /// Slots of each job's live channel; a subscriber further behind catches up from the store.
+    /// Slots of each watched job's live channel; a fan-out stage further behind hands its
+    /// subscribers back to catch up from the store.
     pub job_channel: usize,
     /// Slots of the all-jobs live channel.
     pub all_channel: usize,

@@ -1,21 +1,39 @@
 //! The hub: in-process fan-out of durable events to live subscribers.
 //!
-//! One `tokio::sync::broadcast` channel per job that has subscribers (created by the first,
-//! dropped with the last) and one channel that carries every offset, for multi-job streams.
 //! The writer publishes here only after an event is durable, so nothing a subscriber sees can
-//! be taken back by a crash.
+//! be taken back by a crash. Notices go into `tokio::sync::broadcast` channels, in offset
+//! order:
 //!
-//! The hub never blocks a publisher: a broadcast channel overwrites its oldest slot, and the
-//! receiver that was too slow gets `Lagged` and catches up from the store (see
-//! `subscription.rs`). Memory is bounded by the channel capacities, not by client speed.
+//! - one channel carries every notice; multi-job streams each hold a receiver of it;
+//! - each job with live subscriptions has a channel of its own, read by the job's **fan-out
+//!   stage** (one supervised task, started by the first subscription and ended with the
+//!   last). The stage delivers each notice to the per-job subscriptions *attached* to it: one
+//!   `try_send` of a shared frame per subscriber, in slices with a yield between them. So a
+//!   fan-out to 10,000 subscribers wakes each connection once, never queues a publisher's
+//!   request behind all of them, and a busy job never delays another job's stage.
+//!
+//! A per-job subscription replays from the store by itself, then attaches with its position;
+//! the stage hands it back (`Detached`) when it cannot deliver the next notice in order (a full
+//! channel, a gap, a lag of its own) and it catches up from the store again. Nothing ever
+//! blocks a publisher: the broadcast channel overwrites its oldest slot. Memory is bounded by
+//! the channel capacities, not by client speed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::model::{Event, Status};
+use crate::store::Store;
+use crate::subscription::Frame;
+use crate::supervisor::Supervisor;
+use crate::writer::Writer;
 
 /// A durable event, rendered to JSON once by the writer and shared by every subscriber.
 ///
@@ -86,42 +104,142 @@ impl Notice {
 }
 
 pub struct Hub {
-    // A std Mutex: the critical sections are a map lookup and a `send`, never an await, and
-    // a std lock is cheaper than tokio's when it is never held across one.
-    jobs: Mutex<HashMap<Arc<str>, broadcast::Sender<Notice>>>,
+    // A std Mutex: the critical sections are map and list updates, `send`s and `try_send`s,
+    // never an await, and a std lock is cheaper than tokio's when it is never held across one.
+    jobs: Mutex<HashMap<Arc<str>, JobFan>>,
+    /// Every notice, in offset order, for multi-job streams.
     all: broadcast::Sender<Notice>,
+    /// Highest offset published so far.
+    published: AtomicU64,
+    next_id: AtomicU64,
     job_capacity: usize,
+    /// Runs the per-job fan-out stages.
+    supervisor: Supervisor,
+    /// Where a stage that lagged reads what it missed (set once the writer runs).
+    replay: OnceLock<(Store, Writer)>,
 }
 
+/// A job with live subscriptions: its notices, who is attached to its fan-out stage, and
+/// what the stage has already taken up (a subscription behind that must catch up from the
+/// store first).
+struct JobFan {
+    /// Tells one life of the entry from the next (a stage only serves its own).
+    id: u64,
+    tx: broadcast::Sender<Notice>,
+    /// Subscriptions of this job (attached or not); the entry goes with the last one.
+    watchers: usize,
+    attached: Vec<Attached>,
+    /// Offset of the last notice the stage took up.
+    taken: u64,
+    /// Notices up to this offset may have been missed by the stage (it lagged).
+    lost_upto: u64,
+    /// The job's latest events the stage took up, in seq order of one incarnation (at most
+    /// the channel's capacity): a subscription a little behind catches up from here, with
+    /// frames already rendered, instead of reading and rendering from the store.
+    recent: VecDeque<Arc<EventMsg>>,
+}
+
+/// A subscription the stage delivers to directly.
+struct Attached {
+    id: u64,
+    out: mpsc::Sender<Frame>,
+    pos: Position,
+    back: oneshot::Sender<Detached>,
+}
+
+/// Where a per-job subscription stands: the incarnation it follows (once known) and the
+/// last seq it delivered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    pub num: Option<u64>,
+    pub last: u64,
+}
+
+/// Why the stage handed a subscription back.
+#[derive(Debug)]
+pub enum Detached {
+    /// Its channel was full (`full`), the next notice is not the next seq, or the stage
+    /// lagged: catch up from the store from `pos`.
+    Behind { pos: Position, full: bool },
+    /// It delivered the job's terminal event: send `end` and stop.
+    Ended { status: Status },
+    /// The incarnation it follows was removed.
+    Removed { job: Arc<str>, offset: u64 },
+}
+
+/// The answer to [`JobWatch::attach`].
+pub enum Attach {
+    /// The stage delivers from now on; the receiver says when and why it stopped.
+    Attached(oneshot::Receiver<Detached>),
+    /// The stage already took up a notice past what the subscription has read from the
+    /// store: catch up again first.
+    Behind,
+}
+
+/// Deliveries per slice of one notice: between slices the stage goes to the back of the run
+/// queue, so a publisher's request (or another job's stage) never waits for a whole fan-out
+/// to thousands.
+const SLICE: usize = 128;
+/// Notices a stage takes up in one pass, at most.
+const BATCH: usize = 64;
+/// Frames a subscriber's channel holds: a few passes, so a burst of events that its
+/// connection has not yet written out does not hand it back to catch up.
+pub const OUTBOX: usize = 4 * BATCH;
+
+type Backs = Vec<(oneshot::Sender<Detached>, Detached)>;
+
 impl Hub {
-    pub fn new(job_capacity: usize, all_capacity: usize) -> Arc<Hub> {
+    pub fn new(job_capacity: usize, all_capacity: usize, supervisor: Supervisor) -> Arc<Hub> {
         Arc::new(Hub {
             jobs: Mutex::new(HashMap::new()),
             all: broadcast::channel(all_capacity).0,
+            published: AtomicU64::new(0),
+            next_id: AtomicU64::new(1),
             job_capacity,
+            supervisor,
+            replay: OnceLock::new(),
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<Arc<str>, broadcast::Sender<Notice>>> {
-        // Nothing panics while holding this lock (inserts, removes, sends), so a poisoned
-        // map is still consistent.
+    /// Lets a stage that lagged read what it missed from `store`, up to `writer`'s visible
+    /// watermark, once for all its subscribers.
+    pub fn replay_from(&self, store: Store, writer: Writer) {
+        let _ = self.replay.set((store, writer));
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<Arc<str>, JobFan>> {
+        // Nothing panics while holding this lock (list updates and sends), so a poisoned map
+        // is still consistent.
         self.jobs.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Subscribes to one job. Call this *before* reading the store, so nothing published in
-    /// between is missed.
-    pub fn subscribe_job(self: &Arc<Self>, job: &str) -> JobReceiver {
+    /// Watches one job; the first watcher starts the job's fan-out stage. Call this *before*
+    /// reading the store: from then on the stage records what it takes up for the job, so
+    /// [`JobWatch::attach`] can tell whether the reads missed anything.
+    pub fn watch_job(self: &Arc<Self>, job: &str) -> JobWatch {
+        let id = self.next_id.fetch_add(1, Relaxed);
         let mut jobs = self.lock();
-        let rx = match jobs.get(job) {
-            Some(tx) => tx.subscribe(),
+        match jobs.get_mut(job) {
+            Some(fan) => fan.watchers += 1,
             None => {
                 let (tx, rx) = broadcast::channel(self.job_capacity);
-                jobs.insert(Arc::from(job), tx);
-                rx
+                let job: Arc<str> = Arc::from(job);
+                let fan = JobFan {
+                    id,
+                    tx,
+                    watchers: 1,
+                    attached: Vec::new(),
+                    taken: 0,
+                    lost_upto: 0,
+                    recent: VecDeque::new(),
+                };
+                jobs.insert(Arc::clone(&job), fan);
+                let stage = Arc::clone(self).stage(job, id, rx);
+                self.supervisor.spawn("fanout", stage);
             }
-        };
-        JobReceiver {
-            rx: Some(rx),
+        }
+        JobWatch {
+            id,
             job: Arc::from(job),
             hub: Arc::clone(self),
         }
@@ -132,9 +250,11 @@ impl Hub {
         self.all.subscribe()
     }
 
-    /// Hands durable notices, in offset order, to their subscribers.
+    /// Hands durable notices, in offset order, to their subscribers. Never blocks: a channel
+    /// overwrites its oldest slot, and whoever was too slow catches up from the store.
     pub fn publish(&self, notices: &[Notice]) {
         for n in notices {
+            self.published.fetch_max(n.offset(), Relaxed);
             // No receiver is not an error: nobody is watching.
             let _ = self.all.send(n.clone());
         }
@@ -143,8 +263,8 @@ impl Hub {
             return;
         }
         for n in notices {
-            if let Some(tx) = jobs.get(n.job()) {
-                let _ = tx.send(n.clone());
+            if let Some(fan) = jobs.get(n.job()) {
+                let _ = fan.tx.send(n.clone());
             }
         }
     }
@@ -153,32 +273,337 @@ impl Hub {
     pub fn watched_jobs(&self) -> usize {
         self.lock().len()
     }
-}
 
-/// A receiver of one job's notices; the job's channel goes away with its last receiver.
-pub struct JobReceiver {
-    rx: Option<broadcast::Receiver<Notice>>,
-    job: Arc<str>,
-    hub: Arc<Hub>,
-}
+    /// A job's fan-out stage: takes up the job's queued notices and delivers them to the
+    /// attached subscriptions, one `try_send` of a shared frame each, `SLICE` subscriptions
+    /// at a time. Whatever is queued goes out in one pass, so a burst wakes each connection
+    /// once. A subscription whose channel is full is handed back to catch up from the store,
+    /// so a slow client never holds up the others. Ends with the job's entry (its last
+    /// watcher).
+    async fn stage(
+        self: Arc<Self>,
+        job: Arc<str>,
+        id: u64,
+        mut rx: broadcast::Receiver<Notice>,
+    ) -> Result<(), Infallible> {
+        use broadcast::error::{RecvError, TryRecvError};
+        let mut batch = Vec::with_capacity(BATCH);
+        let mut backs = Vec::new();
+        loop {
+            match rx.recv().await {
+                Ok(n) => batch.push(n),
+                Err(RecvError::Lagged(_)) => {
+                    self.refill(&job, id, &mut backs).await;
+                    continue;
+                }
+                Err(RecvError::Closed) => return Ok(()),
+            }
+            let mut lagged = false;
+            while batch.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(n) => batch.push(n),
+                    Err(TryRecvError::Lagged(_)) => {
+                        lagged = true;
+                        break;
+                    }
+                    Err(TryRecvError::Empty | TryRecvError::Closed) => break,
+                }
+            }
+            self.deliver(&job, id, &batch, &mut backs).await;
+            batch.clear();
+            if lagged {
+                self.refill(&job, id, &mut backs).await;
+            }
+        }
+    }
 
-impl JobReceiver {
-    pub async fn recv(&mut self) -> Result<Notice, broadcast::error::RecvError> {
-        match &mut self.rx {
-            Some(rx) => rx.recv().await,
-            None => Err(broadcast::error::RecvError::Closed),
+    /// The stage missed notices: it reads the job's events after the last one it took from
+    /// the store, renders them once and delivers them like any notice, so its subscribers
+    /// stay attached (rather than each reading and rendering the same events). When it
+    /// cannot (the job was removed or re-created, retention dropped them, the store
+    /// refused), they are handed back to catch up by themselves.
+    async fn refill(&self, job: &str, id: u64, backs: &mut Backs) {
+        let from = self
+            .lock()
+            .get(job)
+            .filter(|f| f.id == id)
+            .and_then(|f| f.recent.back().map(|e| (e.num, e.seq)));
+        let (Some((store, writer)), Some((num, mut seq))) = (self.replay.get(), from) else {
+            return self.lost(job, id, backs);
+        };
+        loop {
+            let visible = writer.visible();
+            let events = match store.job(job) {
+                Ok(Some(rec)) if rec.num == num => store.events_after(num, seq, self.job_capacity),
+                Ok(_) | Err(_) => return self.lost(job, id, backs),
+            };
+            let Ok(events) = events else {
+                return self.lost(job, id, backs);
+            };
+            if events.first().is_some_and(|e| e.seq != seq + 1) {
+                return self.lost(job, id, backs);
+            }
+            let full = events.len() == self.job_capacity;
+            let batch: Vec<Notice> = events
+                .iter()
+                .take_while(|e| e.offset <= visible)
+                .map(|e| Notice::Event(Arc::new(EventMsg::new(e, num))))
+                .collect();
+            let Some(Notice::Event(last)) = batch.last() else {
+                return;
+            };
+            seq = last.seq;
+            let more = full && batch.len() == events.len();
+            self.deliver(job, id, &batch, backs).await;
+            if !more {
+                return;
+            }
+        }
+    }
+
+    /// The stage missed notices and cannot replay them: everyone attached catches up, and
+    /// nobody attaches again without having read the store at least up to what was
+    /// published.
+    fn lost(&self, job: &str, id: u64, backs: &mut Backs) {
+        let upto = self.published.load(Relaxed);
+        let mut jobs = self.lock();
+        if let Some(fan) = jobs.get_mut(job).filter(|f| f.id == id) {
+            fan.lost_upto = upto;
+            // No longer an unbroken run of the job's events.
+            fan.recent.clear();
+            for a in fan.attached.drain(..) {
+                let why = Detached::Behind {
+                    pos: a.pos,
+                    full: false,
+                };
+                backs.push((a.back, why));
+            }
+        }
+        drop(jobs);
+        for (back, why) in backs.drain(..) {
+            let _ = back.send(why);
+        }
+    }
+
+    /// One pass of `batch` (in offset order) over the attached subscriptions.
+    async fn deliver(&self, job: &str, id: u64, batch: &[Notice], backs: &mut Backs) {
+        let Some(last) = batch.last() else {
+            return;
+        };
+        let mut i = 0;
+        loop {
+            let more = {
+                let mut jobs = self.lock();
+                let Some(fan) = jobs.get_mut(job).filter(|f| f.id == id) else {
+                    return;
+                };
+                if i == 0 {
+                    fan.taken = last.offset();
+                    fan.remember(batch, self.job_capacity);
+                }
+                let end = i + SLICE;
+                // A handed-back one is swapped out, so `i` only moves past kept ones.
+                'subs: while i < end.min(fan.attached.len()) {
+                    for notice in batch {
+                        match step(&mut fan.attached[i], notice) {
+                            Step::Keep => {}
+                            Step::Detach(why) => {
+                                let a = fan.attached.swap_remove(i);
+                                backs.push((a.back, why));
+                                continue 'subs;
+                            }
+                            Step::Drop => {
+                                drop(fan.attached.swap_remove(i));
+                                continue 'subs;
+                            }
+                        }
+                    }
+                    i += 1;
+                }
+                i < fan.attached.len()
+            };
+            for (back, why) in backs.drain(..) {
+                let _ = back.send(why);
+            }
+            if !more {
+                return;
+            }
+            Requeue::default().await;
         }
     }
 }
 
-impl Drop for JobReceiver {
-    fn drop(&mut self) {
-        drop(self.rx.take());
+/// Goes to the back of the worker's run queue at once. (`tokio::task::yield_now` waits for
+/// the worker's next driver poll, which under load leaves a fan-out half done for long.)
+#[derive(Default)]
+struct Requeue(bool);
+
+impl Future for Requeue {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0 {
+            return Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+impl JobFan {
+    /// Keeps `batch`'s events in `recent`, the latest `capacity` of them.
+    fn remember(&mut self, batch: &[Notice], capacity: usize) {
+        for notice in batch {
+            match notice {
+                Notice::Event(e) => {
+                    // Already here (taken again after a refill).
+                    if self
+                        .recent
+                        .back()
+                        .is_some_and(|b| b.num == e.num && e.seq <= b.seq)
+                    {
+                        continue;
+                    }
+                    let follows = self
+                        .recent
+                        .back()
+                        .is_none_or(|b| b.num == e.num && b.seq + 1 == e.seq);
+                    if !follows {
+                        self.recent.clear();
+                    }
+                    if self.recent.len() == capacity {
+                        self.recent.pop_front();
+                    }
+                    self.recent.push_back(Arc::clone(e));
+                }
+                Notice::Removed { .. } => self.recent.clear(),
+            }
+        }
+    }
+}
+
+/// The answer to [`JobWatch::recent_after`].
+pub struct Recent {
+    /// The next events after the position, in order.
+    pub events: Vec<Arc<EventMsg>>,
+    /// Once they are delivered, everything of the job the stage took up is: the `seen` to
+    /// attach with.
+    pub upto: u64,
+    /// More follow in `recent` than were asked for.
+    pub more: bool,
+}
+
+enum Step {
+    Keep,
+    Detach(Detached),
+    /// The subscriber left (its channel is closed).
+    Drop,
+}
+
+/// What one notice does to one attached subscription.
+fn step(a: &mut Attached, notice: &Notice) -> Step {
+    let pos = a.pos;
+    match notice {
+        Notice::Event(e) => {
+            if pos.num == Some(e.num) && e.seq <= pos.last {
+                return Step::Keep;
+            }
+            if pos.num.is_some_and(|n| n != e.num) || e.seq != pos.last + 1 {
+                return Step::Detach(Detached::Behind { pos, full: false });
+            }
+            match a.out.try_send(Frame::Event(Arc::clone(e))) {
+                Ok(()) => {
+                    a.pos = Position {
+                        num: Some(e.num),
+                        last: e.seq,
+                    };
+                    match e.terminal {
+                        Some(status) => Step::Detach(Detached::Ended { status }),
+                        None => Step::Keep,
+                    }
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    Step::Detach(Detached::Behind { pos, full: true })
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => Step::Drop,
+            }
+        }
+        // The removal of an earlier incarnation than the one followed is old news.
+        Notice::Removed { num, .. } if pos.num.is_some_and(|n| n > *num) => Step::Keep,
+        Notice::Removed { job, offset, .. } => Step::Detach(Detached::Removed {
+            job: Arc::clone(job),
+            offset: *offset,
+        }),
+    }
+}
+
+/// A subscription's hold on one job's fan-out entry; the entry goes with the last one, and
+/// dropping it detaches the subscription (so its channel closes with it).
+pub struct JobWatch {
+    id: u64,
+    job: Arc<str>,
+    hub: Arc<Hub>,
+}
+
+impl JobWatch {
+    /// Hands delivery to the stage from `pos` on. `seen` is the visible watermark up to
+    /// which the subscription has read the store (everything of the job at or below it is
+    /// delivered).
+    pub fn attach(&self, out: &mpsc::Sender<Frame>, pos: Position, seen: u64) -> Attach {
         let mut jobs = self.hub.lock();
-        if jobs
-            .get(&*self.job)
-            .is_some_and(|tx| tx.receiver_count() == 0)
-        {
+        let Some(fan) = jobs.get_mut(&*self.job) else {
+            return Attach::Behind;
+        };
+        if fan.taken > seen || fan.lost_upto > seen {
+            return Attach::Behind;
+        }
+        let (back, rx) = oneshot::channel();
+        fan.attached.push(Attached {
+            id: self.id,
+            out: out.clone(),
+            pos,
+            back,
+        });
+        Attach::Attached(rx)
+    }
+}
+
+impl JobWatch {
+    /// Up to `max` events after `pos` from the job's recent events, if they reach back to
+    /// it; None when the store must be read.
+    pub fn recent_after(&self, pos: Position, max: usize) -> Option<Recent> {
+        let jobs = self.hub.lock();
+        // After a lag, only the store can vouch for what the stage missed.
+        let fan = jobs.get(&*self.job).filter(|f| f.lost_upto <= f.taken)?;
+        let front = fan.recent.front()?;
+        let same = match pos.num {
+            Some(num) => num == front.num,
+            // Not published when it subscribed: from seq 1.
+            None => pos.last == 0,
+        };
+        if !same || front.seq > pos.last + 1 {
+            return None;
+        }
+        let skip = (pos.last + 1 - front.seq) as usize;
+        let events: Vec<_> = fan.recent.iter().skip(skip).take(max).cloned().collect();
+        Some(Recent {
+            more: fan.recent.len() > skip + events.len(),
+            events,
+            upto: fan.taken,
+        })
+    }
+}
+
+impl Drop for JobWatch {
+    fn drop(&mut self) {
+        let mut jobs = self.hub.lock();
+        let Some(fan) = jobs.get_mut(&*self.job) else {
+            return;
+        };
+        fan.attached.retain(|a| a.id != self.id);
+        fan.watchers -= 1;
+        if fan.watchers == 0 {
             jobs.remove(&*self.job);
         }
     }
@@ -187,6 +612,13 @@ impl Drop for JobReceiver {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::Metrics;
+    use tokio_util::sync::CancellationToken;
+
+    fn hub(job_capacity: usize) -> Arc<Hub> {
+        let supervisor = Supervisor::new(CancellationToken::new(), Arc::new(Metrics::default()));
+        Hub::new(job_capacity, 16, supervisor)
+    }
 
     fn event(job: &str, seq: u64) -> Notice {
         Notice::Event(Arc::new(EventMsg {
@@ -202,14 +634,17 @@ mod tests {
         }))
     }
 
+    const START: Position = Position {
+        num: Some(1),
+        last: 0,
+    };
+
     #[tokio::test]
-    async fn channels_live_as_long_as_their_subscribers() {
-        let hub = Hub::new(4, 4);
-        let mut a = hub.subscribe_job("a");
-        let b = hub.subscribe_job("a");
+    async fn entries_live_as_long_as_their_watchers() {
+        let hub = hub(4);
+        let a = hub.watch_job("a");
+        let b = hub.watch_job("a");
         assert_eq!(hub.watched_jobs(), 1);
-        hub.publish(&[event("a", 1), event("b", 1)]);
-        assert_eq!(a.recv().await.unwrap().offset(), 1);
         drop(b);
         assert_eq!(hub.watched_jobs(), 1);
         drop(a);
@@ -217,16 +652,57 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_slow_receiver_lags_instead_of_blocking() {
-        let hub = Hub::new(2, 2);
-        let mut a = hub.subscribe_job("a");
-        for seq in 1..=5 {
-            hub.publish(&[event("a", seq)]);
+    async fn the_stage_delivers_in_order_and_hands_back_a_full_channel() {
+        let hub = hub(16);
+        let watch = hub.watch_job("a");
+        let (tx, mut rx) = mpsc::channel(2);
+        let Attach::Attached(back) = watch.attach(&tx, START, 0) else {
+            panic!("nothing was taken up yet");
+        };
+        hub.publish(&[event("b", 1), event("a", 1), event("a", 2), event("a", 3)]);
+        let Ok(Detached::Behind { pos, full: true }) = back.await else {
+            panic!("a full channel is handed back");
+        };
+        assert_eq!(pos.last, 2);
+        for seq in [1, 2] {
+            let Some(Frame::Event(e)) = rx.recv().await else {
+                panic!("an event");
+            };
+            assert_eq!(e.seq, seq);
         }
+        // The stage took up seq 3: attaching at 2 with the store read only up to offset 2
+        // would miss it.
+        assert!(matches!(watch.attach(&tx, pos, 2), Attach::Behind));
         assert!(matches!(
-            a.recv().await,
-            Err(broadcast::error::RecvError::Lagged(3))
+            watch.attach(&tx, Position { last: 3, ..pos }, 3),
+            Attach::Attached(_)
         ));
-        assert_eq!(a.recv().await.unwrap().offset(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_gap_or_a_lag_hands_the_subscription_back() {
+        let hub = hub(2);
+        let watch = hub.watch_job("a");
+        let (tx, _rx) = mpsc::channel(8);
+        let Attach::Attached(back) = watch.attach(&tx, START, 0) else {
+            panic!("nothing was taken up yet");
+        };
+        hub.publish(&[event("a", 2)]);
+        assert!(matches!(
+            back.await,
+            Ok(Detached::Behind {
+                pos: START,
+                full: false
+            })
+        ));
+        // Four notices through a 2-slot channel before the stage runs: it lags, and nobody
+        // attaches without having read up to what was published.
+        let Attach::Attached(back) = watch.attach(&tx, START, 2) else {
+            panic!("the store was read past what the stage took up");
+        };
+        hub.publish(&[event("a", 3), event("a", 4), event("a", 5), event("a", 6)]);
+        assert!(matches!(back.await, Ok(Detached::Behind { .. })));
+        assert!(matches!(watch.attach(&tx, START, 5), Attach::Behind));
+        assert!(matches!(watch.attach(&tx, START, 6), Attach::Attached(_)));
     }
 }

@@ -91,7 +91,7 @@ pub fn open(
     writer_stop: CancellationToken,
 ) -> Result<Source, RunError> {
     let store = open_store(config)?;
-    let hub = Hub::new(config.job_channel, config.all_channel);
+    let hub = Hub::new(config.job_channel, config.all_channel, supervisor.clone());
     let writer = writer::start(
         store.clone(),
         Arc::clone(&hub),
@@ -99,6 +99,7 @@ pub fn open(
         supervisor,
         writer_stop,
     )?;
+    hub.replay_from(store.clone(), writer.clone());
     {
         let (store, writer, every, token) = (
             store.clone(),

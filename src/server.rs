@@ -130,6 +130,10 @@ impl Server {
         let service = TowerToHyperService::new(warp::service(self.routes.clone()));
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
+            // What a connection may hold unsent (a client that stops reading) or unparsed:
+            // hyper's default is 400 KiB; a stream's frames are tiny and its backlog is in
+            // the store, not here.
+            .max_buf_size(MAX_BUF)
             .header_read_timeout(self.header_timeout)
             .serve_connection(TokioIo::new(io), service)
             .with_upgrades();
@@ -156,6 +160,9 @@ impl Server {
         });
     }
 }
+
+/// Bytes a connection buffers each way beyond the kernel's socket buffers.
+const MAX_BUF: usize = 64 * 1024;
 
 /// Over capacity: a short answer, then close.
 async fn refuse<IO: AsyncWrite + Unpin>(mut io: IO) -> Result<(), std::convert::Infallible> {

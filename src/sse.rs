@@ -30,7 +30,7 @@ use crate::model::to_json_line;
 use crate::subscription::{Filter, Frame, Start};
 
 /// Frames buffered per stream beyond what the socket holds.
-const BUFFER: usize = 16;
+const BUFFER: usize = crate::hub::OUTBOX;
 
 /// Which id a stream's events carry.
 #[derive(Clone, Copy)]

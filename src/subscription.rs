@@ -18,6 +18,7 @@
 //! up from the store when it reads again. Nobody else waits.
 
 use std::collections::BTreeSet;
+use std::ops::ControlFlow;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
@@ -27,7 +28,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Grant;
-use crate::hub::{EventMsg, Hub, JobReceiver, Notice};
+use crate::hub::{Attach, Detached, EventMsg, Hub, JobWatch, Notice, Position};
 use crate::metrics::Metrics;
 use crate::model::{to_json_line, JobId, JobRecord, Status};
 use crate::store::{LogEntry, Store, StoreError};
@@ -110,6 +111,18 @@ impl Out<'_> {
     async fn send(&self, frame: Frame) -> bool {
         self.0.send(frame).await.is_ok()
     }
+
+    /// Waits until a frame fits; `false` if the subscriber is gone.
+    async fn room(&self) -> bool {
+        self.0.reserve().await.is_ok()
+    }
+
+    /// Waits until a frame fits, then says how many do (at most `max`); None if the
+    /// subscriber is gone.
+    async fn room_for(&self, max: usize) -> Option<usize> {
+        drop(self.0.reserve().await.ok()?);
+        Some(self.0.capacity().clamp(1, max))
+    }
 }
 
 /// Whether a subscription goes on after a step.
@@ -142,7 +155,7 @@ impl Source {
 
     /// Subscribes to one job from `resume` (a seq), or from its snapshot.
     pub fn open_job(&self, job: JobId, resume: Option<u64>) -> Result<Start, SubscriptionError> {
-        let rx = self.hub.subscribe_job(job.as_str());
+        let watch = self.hub.watch_job(job.as_str());
         let initial = self.store.job(job.as_str())?;
         match (resume, initial) {
             // Past the end is not "finished" but a reset (the id may have been reused).
@@ -153,7 +166,7 @@ impl Source {
             // start", for a job not published yet.)
             (Some(n), None) if n > 0 => Ok(Start::Gone),
             (resume, initial) => Ok(Start::Follow(Box::new(JobSubscription {
-                rx,
+                watch,
                 job,
                 resume,
                 initial,
@@ -174,25 +187,16 @@ impl Source {
     }
 }
 
-/// Position of a per-job subscription.
-struct Position {
-    /// Last seq delivered (or covered by a snapshot).
-    last: u64,
-    /// Incarnation of the job being followed, once known.
-    num: Option<u64>,
-}
-
-impl Position {
-    fn at(rec: &JobRecord, last: u64) -> Position {
-        Position {
-            last,
-            num: Some(rec.num),
-        }
+/// A per-job subscription at the end of `rec`'s incarnation up to seq `last`.
+fn at(rec: &JobRecord, last: u64) -> Position {
+    Position {
+        last,
+        num: Some(rec.num),
     }
 }
 
 pub struct JobSubscription {
-    rx: JobReceiver,
+    watch: JobWatch,
     job: JobId,
     resume: Option<u64>,
     /// The job as it was when we subscribed: what "fresh subscribe" and "resume point"
@@ -231,7 +235,7 @@ impl JobSubscription {
         }
         match (self.resume, initial) {
             (None, Some(rec)) => {
-                pos = Position::at(&rec, rec.seq);
+                pos = at(&rec, rec.seq);
                 if !out.send(Frame::snapshot(false, job, &rec)).await {
                     return Ok(());
                 }
@@ -245,7 +249,7 @@ impl JobSubscription {
             (_, None) => {}
             (Some(n), Some(rec)) if n > rec.seq || n + 1 < rec.first_seq => {
                 src.metrics.resets.fetch_add(1, Relaxed);
-                pos = Position::at(&rec, rec.seq);
+                pos = at(&rec, rec.seq);
                 if !out.send(Frame::snapshot(true, job, &rec)).await {
                     return Ok(());
                 }
@@ -259,53 +263,84 @@ impl JobSubscription {
                     out.send(end(job, rec.status)).await;
                     return Ok(());
                 }
-                pos = Position::at(&rec, n);
+                pos = at(&rec, n);
             }
         }
-        if self.catch_up(src, &out, &mut pos).await? == Flow::Done {
+        // Replay from the store, then hand delivery to the hub's fan-out stage; whenever it
+        // hands us back (a full channel, a gap), replay again from where we are.
+        let ControlFlow::Continue(mut seen) = self.catch_up(src, &out, &mut pos).await? else {
             return Ok(());
-        }
+        };
         loop {
-            let flow = match self.rx.recv().await {
-                Ok(Notice::Event(e)) => {
-                    if pos.num == Some(e.num) && e.seq <= pos.last {
-                        continue;
-                    }
-                    if pos.num.is_some_and(|n| n != e.num) || e.seq != pos.last + 1 {
-                        // A gap: the store has what we missed.
-                        self.catch_up(src, &out, &mut pos).await?
-                    } else {
-                        pos.num = Some(e.num);
-                        pos.last = e.seq;
-                        deliver(&out, e).await
-                    }
+            let back = match self.watch.attach(out.0, pos, seen) {
+                Attach::Attached(back) => back,
+                Attach::Behind => {
+                    let ControlFlow::Continue(s) = self.catch_up(src, &out, &mut pos).await? else {
+                        return Ok(());
+                    };
+                    seen = s;
+                    continue;
                 }
-                // The removal of an earlier incarnation than the one we follow is old news.
-                Ok(Notice::Removed { num, .. }) if pos.num.is_some_and(|n| n > num) => continue,
-                Ok(Notice::Removed { job, offset, .. }) => {
-                    out.send(Frame::Removed { job, offset }).await;
-                    Flow::Done
-                }
-                Err(RecvError::Lagged(_)) => {
-                    src.metrics.lag_catchups.fetch_add(1, Relaxed);
-                    self.catch_up(src, &out, &mut pos).await?
-                }
-                Err(RecvError::Closed) => Flow::Done,
             };
-            if flow == Flow::Done {
-                return Ok(());
+            match back.await {
+                Ok(Detached::Behind { pos: at, full }) => {
+                    pos = at;
+                    if full {
+                        src.metrics.lag_catchups.fetch_add(1, Relaxed);
+                        // Catch up once the client reads again: a client that never does
+                        // then holds no page of events read for it.
+                        if !out.room().await {
+                            return Ok(());
+                        }
+                    }
+                    let ControlFlow::Continue(s) = self.catch_up(src, &out, &mut pos).await? else {
+                        return Ok(());
+                    };
+                    seen = s;
+                }
+                Ok(Detached::Ended { status }) => {
+                    out.send(end(job, status)).await;
+                    return Ok(());
+                }
+                Ok(Detached::Removed { job, offset }) => {
+                    out.send(Frame::Removed { job, offset }).await;
+                    return Ok(());
+                }
+                // The stage let go of us: the subscriber left.
+                Err(_) => return Ok(()),
             }
         }
     }
 
-    /// Replays from the store everything visible after `pos`.
+    /// Replays from the store everything visible after `pos`. Goes on with the visible
+    /// watermark it read up to: everything of the job at or below it has been delivered.
     async fn catch_up(
         &self,
         src: &Source,
         out: &Out<'_>,
         pos: &mut Position,
-    ) -> Result<Flow, SubscriptionError> {
+    ) -> Result<ControlFlow<(), u64>, SubscriptionError> {
         let job = self.job.as_str();
+        // A subscription a little behind finds what it missed in the hub's recent events,
+        // rendered and shared: no store read.
+        loop {
+            let Some(room) = out.room_for(PAGE).await else {
+                return Ok(ControlFlow::Break(()));
+            };
+            let Some(recent) = self.watch.recent_after(*pos, room) else {
+                break;
+            };
+            for e in recent.events {
+                pos.num = Some(e.num);
+                pos.last = e.seq;
+                if deliver(out, e).await == Flow::Done {
+                    return Ok(ControlFlow::Break(()));
+                }
+            }
+            if !recent.more {
+                return Ok(ControlFlow::Continue(recent.upto));
+            }
+        }
         loop {
             let visible = src.writer.visible();
             let rec = match src.store.job(job)? {
@@ -320,9 +355,9 @@ impl JobSubscription {
                         offset: 0,
                     })
                     .await;
-                    return Ok(Flow::Done);
+                    return Ok(ControlFlow::Break(()));
                 }
-                return Ok(Flow::Continue);
+                return Ok(ControlFlow::Continue(visible));
             };
             pos.num = Some(rec.num);
             if pos.last + 1 < rec.first_seq {
@@ -331,16 +366,21 @@ impl JobSubscription {
                 src.metrics.resets.fetch_add(1, Relaxed);
                 pos.last = rec.seq;
                 if !out.send(Frame::snapshot(true, job, &rec)).await {
-                    return Ok(Flow::Done);
+                    return Ok(ControlFlow::Break(()));
                 }
                 if rec.is_finished() {
                     out.send(end(job, rec.status)).await;
-                    return Ok(Flow::Done);
+                    return Ok(ControlFlow::Break(()));
                 }
-                return Ok(Flow::Continue);
+                return Ok(ControlFlow::Continue(visible));
             }
-            let events = src.store.events_after(rec.num, pos.last, PAGE)?;
-            let full = events.len() == PAGE;
+            // No more than the client's channel takes now: a client that stopped reading
+            // holds no page of events read for it.
+            let Some(page) = out.room_for(PAGE).await else {
+                return Ok(ControlFlow::Break(()));
+            };
+            let events = src.store.events_after(rec.num, pos.last, page)?;
+            let full = events.len() == page;
             let mut gap = false;
             for ev in events {
                 if ev.seq != pos.last + 1 {
@@ -351,15 +391,15 @@ impl JobSubscription {
                 }
                 if ev.offset > visible {
                     // Not durable yet: it will come live.
-                    return Ok(Flow::Continue);
+                    return Ok(ControlFlow::Continue(visible));
                 }
                 pos.last = ev.seq;
                 if deliver(out, Arc::new(EventMsg::new(&ev, rec.num))).await == Flow::Done {
-                    return Ok(Flow::Done);
+                    return Ok(ControlFlow::Break(()));
                 }
             }
             if !full && !gap {
-                return Ok(Flow::Continue);
+                return Ok(ControlFlow::Continue(visible));
             }
         }
     }

@@ -35,7 +35,7 @@ use crate::subscription::{Frame, Start};
 /// Largest frame and message a client may send (contract: 64 KiB, else close 1009).
 pub const MAX_MESSAGE: usize = 64 * 1024;
 /// Frames buffered per subscription.
-const BUFFER: usize = 16;
+const BUFFER: usize = crate::hub::OUTBOX;
 
 const NORMAL: u16 = 1000;
 const GOING_AWAY: u16 = 1001;
