@@ -142,7 +142,9 @@ struct JobFan {
 /// A subscription the stage delivers to directly.
 struct Attached {
     id: u64,
-    out: mpsc::Sender<Frame>,
+    /// None once the subscription is dropped: its slot stays until the stage removes it,
+    /// because only the stage may move entries (a pass over them spans several slices).
+    out: Option<mpsc::Sender<Frame>>,
     pos: Position,
     back: oneshot::Sender<Detached>,
 }
@@ -179,7 +181,7 @@ pub enum Attach {
 /// Deliveries per slice of one notice: between slices the stage goes to the back of the run
 /// queue, so a publisher's request (or another job's stage) never waits for a whole fan-out
 /// to thousands.
-const SLICE: usize = 128;
+const SLICE: usize = if cfg!(test) { 2 } else { 128 };
 /// Notices a stage takes up in one pass, at most.
 const BATCH: usize = 64;
 /// Frames a subscriber's channel holds: a few passes, so a burst of events that its
@@ -497,12 +499,15 @@ pub struct Recent {
 enum Step {
     Keep,
     Detach(Detached),
-    /// The subscriber left (its channel is closed).
+    /// The subscriber left (its channel is closed, or its subscription dropped).
     Drop,
 }
 
 /// What one notice does to one attached subscription.
 fn step(a: &mut Attached, notice: &Notice) -> Step {
+    let Some(out) = &a.out else {
+        return Step::Drop;
+    };
     let pos = a.pos;
     match notice {
         Notice::Event(e) => {
@@ -512,7 +517,7 @@ fn step(a: &mut Attached, notice: &Notice) -> Step {
             if pos.num.is_some_and(|n| n != e.num) || e.seq != pos.last + 1 {
                 return Step::Detach(Detached::Behind { pos, full: false });
             }
-            match a.out.try_send(Frame::Event(Arc::clone(e))) {
+            match out.try_send(Frame::Event(Arc::clone(e))) {
                 Ok(()) => {
                     a.pos = Position {
                         num: Some(e.num),
@@ -561,7 +566,7 @@ impl JobWatch {
         let (back, rx) = oneshot::channel();
         fan.attached.push(Attached {
             id: self.id,
-            out: out.clone(),
+            out: Some(out.clone()),
             pos,
             back,
         });
@@ -601,7 +606,10 @@ impl Drop for JobWatch {
         let Some(fan) = jobs.get_mut(&*self.job) else {
             return;
         };
-        fan.attached.retain(|a| a.id != self.id);
+        // Not removed here: the stage may be halfway through a pass over the list.
+        for a in fan.attached.iter_mut().filter(|a| a.id == self.id) {
+            a.out = None;
+        }
         fan.watchers -= 1;
         if fan.watchers == 0 {
             jobs.remove(&*self.job);
@@ -704,5 +712,38 @@ mod tests {
         assert!(matches!(back.await, Ok(Detached::Behind { .. })));
         assert!(matches!(watch.attach(&tx, START, 5), Attach::Behind));
         assert!(matches!(watch.attach(&tx, START, 6), Attach::Attached(_)));
+    }
+
+    #[tokio::test]
+    async fn a_subscription_dropped_mid_pass_does_not_hide_another_from_it() {
+        let hub = hub(16);
+        let subs: Vec<_> = (0..5)
+            .map(|_| {
+                let watch = hub.watch_job("a");
+                let (tx, rx) = mpsc::channel(8);
+                let Attach::Attached(back) = watch.attach(&tx, START, 0) else {
+                    panic!("nothing was taken up yet");
+                };
+                (watch, rx, back)
+            })
+            .collect();
+        // A task of its own, not the test's main future, which the runtime polls only
+        // between batches of tasks: this one runs right after the stage's first slice.
+        let hub = Arc::clone(&hub);
+        let check = tokio::spawn(async move {
+            let mut subs = subs.into_iter();
+            let (_w0, mut rx0, _b0) = subs.next().unwrap();
+            let (w1, _rx1, _b1) = subs.next().unwrap();
+            hub.publish(&[event("a", 1)]);
+            // The stage has done its first slice (two subscriptions) and gone to the back of the
+            // queue: drop one it already served, then every later one must still get the event.
+            assert!(matches!(rx0.recv().await, Some(Frame::Event(_))));
+            drop(w1);
+            for (_w, mut rx, _b) in subs {
+                let got = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv()).await;
+                assert!(matches!(got, Ok(Some(Frame::Event(e))) if e.seq == 1));
+            }
+        });
+        check.await.unwrap();
     }
 }
