@@ -129,10 +129,15 @@ struct JobFan {
     /// Subscriptions of this job (attached or not); the entry goes with the last one.
     watchers: usize,
     attached: Vec<Attached>,
+    /// Highest offset published before the entry existed: the stage never sees those, so a
+    /// subscription must have read the store at least this far before it attaches.
+    born: u64,
     /// Offset of the last notice the stage took up.
     taken: u64,
     /// Notices up to this offset may have been missed by the stage (it lagged).
     lost_upto: u64,
+    /// Incarnation and seq of the last event the stage took up.
+    stage_last: Option<(u64, u64)>,
     /// The job's latest events the stage took up, in seq order of one incarnation (at most
     /// the channel's capacity): a subscription a little behind catches up from here, with
     /// frames already rendered, instead of reading and rendering from the store.
@@ -231,8 +236,10 @@ impl Hub {
                     tx,
                     watchers: 1,
                     attached: Vec::new(),
+                    born: self.published.load(Relaxed),
                     taken: 0,
                     lost_upto: 0,
+                    stage_last: None,
                     recent: VecDeque::new(),
                 };
                 jobs.insert(Arc::clone(&job), fan);
@@ -329,7 +336,7 @@ impl Hub {
             .lock()
             .get(job)
             .filter(|f| f.id == id)
-            .and_then(|f| f.recent.back().map(|e| (e.num, e.seq)));
+            .and_then(|f| f.stage_last);
         let (Some((store, writer)), Some((num, mut seq))) = (self.replay.get(), from) else {
             return self.lost(job, id, backs);
         };
@@ -454,12 +461,20 @@ impl Future for Requeue {
 }
 
 impl JobFan {
+    /// How far a subscription must have read the store to attach: past what was published
+    /// before the stage existed, what it took up, and what it may have missed.
+    fn must_have_seen(&self) -> u64 {
+        self.born.max(self.taken).max(self.lost_upto)
+    }
+
     /// Keeps `batch`'s events in `recent`, the latest `capacity` of them.
     fn remember(&mut self, batch: &[Notice], capacity: usize) {
         for notice in batch {
             match notice {
                 Notice::Event(e) => {
-                    // Already here (taken again after a refill).
+                    self.stage_last = Some((e.num, e.seq));
+                    // Already here (offered by a subscription, or taken again after a
+                    // refill).
                     if self
                         .recent
                         .back()
@@ -479,7 +494,10 @@ impl JobFan {
                     }
                     self.recent.push_back(Arc::clone(e));
                 }
-                Notice::Removed { .. } => self.recent.clear(),
+                Notice::Removed { .. } => {
+                    self.stage_last = None;
+                    self.recent.clear();
+                }
             }
         }
     }
@@ -489,8 +507,8 @@ impl JobFan {
 pub struct Recent {
     /// The next events after the position, in order.
     pub events: Vec<Arc<EventMsg>>,
-    /// Once they are delivered, everything of the job the stage took up is: the `seen` to
-    /// attach with.
+    /// Once they are delivered, everything of the job up to this offset is (and all the
+    /// stage took up): the `seen` to attach with.
     pub upto: u64,
     /// More follow in `recent` than were asked for.
     pub more: bool,
@@ -560,7 +578,7 @@ impl JobWatch {
         let Some(fan) = jobs.get_mut(&*self.job) else {
             return Attach::Behind;
         };
-        if fan.taken > seen || fan.lost_upto > seen {
+        if fan.must_have_seen() > seen {
             return Attach::Behind;
         }
         let (back, rx) = oneshot::channel();
@@ -579,15 +597,22 @@ impl JobWatch {
     /// it; None when the store must be read.
     pub fn recent_after(&self, pos: Position, max: usize) -> Option<Recent> {
         let jobs = self.hub.lock();
-        // After a lag, only the store can vouch for what the stage missed.
-        let fan = jobs.get(&*self.job).filter(|f| f.lost_upto <= f.taken)?;
+        let fan = jobs.get(&*self.job)?;
         let front = fan.recent.front()?;
-        let same = match pos.num {
-            Some(num) => num == front.num,
-            // Not published when it subscribed: from seq 1.
-            None => pos.last == 0,
+        // (A subscription that has not seen the job yet learns its incarnation from the
+        // store: the recent events may be an earlier one's.)
+        if pos.num != Some(front.num) || front.seq > pos.last + 1 {
+            return None;
+        }
+        // Delivering up to the last of them must leave nothing the stage already took up
+        // undelivered: they must reach its last event (or it has taken up none).
+        let back = fan.recent.back()?;
+        let upto = match fan.stage_last {
+            Some((num, seq)) if back.num == num && back.seq >= seq => fan.taken.max(back.offset),
+            None if fan.taken == 0 => back.offset,
+            Some(_) | None => return None,
         };
-        if !same || front.seq > pos.last + 1 {
+        if upto < fan.must_have_seen() {
             return None;
         }
         let skip = (pos.last + 1 - front.seq) as usize;
@@ -595,8 +620,34 @@ impl JobWatch {
         Some(Recent {
             more: fan.recent.len() > skip + events.len(),
             events,
-            upto: fan.taken,
+            upto,
         })
+    }
+}
+
+impl JobWatch {
+    /// Events a subscription read from the store and rendered, offered to the others of the
+    /// job: kept in its recent events when they are empty or these come right before them,
+    /// so a crowd catching up from the same point reads and renders them once.
+    pub fn offer(&self, events: &[Arc<EventMsg>]) {
+        let Some(last) = events.last() else {
+            return;
+        };
+        let cap = self.hub.job_capacity;
+        let mut jobs = self.hub.lock();
+        let Some(fan) = jobs.get_mut(&*self.job) else {
+            return;
+        };
+        let fits = fan.recent.len() + events.len() <= cap;
+        match fan.recent.front() {
+            None => fan.recent.extend(events.iter().take(cap).cloned()),
+            Some(front) if fits && front.num == last.num && front.seq == last.seq + 1 => {
+                for e in events.iter().rev() {
+                    fan.recent.push_front(Arc::clone(e));
+                }
+            }
+            Some(_) => {}
+        }
     }
 }
 

@@ -381,9 +381,10 @@ impl JobSubscription {
             };
             let events = src.store.events_after(rec.num, pos.last, page)?;
             let full = events.len() == page;
-            let mut gap = false;
-            for ev in events {
-                if ev.seq != pos.last + 1 {
+            let (mut gap, mut ahead) = (false, false);
+            let mut rendered = Vec::with_capacity(events.len());
+            for ev in &events {
+                if ev.seq != pos.last + 1 + rendered.len() as u64 {
                     // Retention dropped the next one after we read the record: read it again
                     // (the branch above will say reset).
                     gap = true;
@@ -391,14 +392,20 @@ impl JobSubscription {
                 }
                 if ev.offset > visible {
                     // Not durable yet: it will come live.
-                    return Ok(ControlFlow::Continue(visible));
+                    ahead = true;
+                    break;
                 }
-                pos.last = ev.seq;
-                if deliver(out, Arc::new(EventMsg::new(&ev, rec.num))).await == Flow::Done {
+                rendered.push(Arc::new(EventMsg::new(ev, rec.num)));
+            }
+            // Rendered once for the job's other subscriptions this far behind, too.
+            self.watch.offer(&rendered);
+            for e in rendered {
+                pos.last = e.seq;
+                if deliver(out, e).await == Flow::Done {
                     return Ok(ControlFlow::Break(()));
                 }
             }
-            if !full && !gap {
+            if ahead || (!full && !gap) {
                 return Ok(ControlFlow::Continue(visible));
             }
         }

@@ -300,7 +300,14 @@ async fn run_model(ops: Vec<Op>, sync: bool) -> (u64, u64) {
             };
             let frame = tokio::time::timeout(Duration::from_secs(3), rx.recv())
                 .await
-                .expect("client never caught up")
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "client never caught up: job {:?} last {} published {:?} head {head}",
+                        c.job,
+                        c.last,
+                        c.job.map(|j| jobs[j].published)
+                    )
+                })
                 .expect("subscription ended early");
             c.check(frame, &jobs);
         }
