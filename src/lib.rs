@@ -13,8 +13,8 @@
 //! | [`model`]        | job ids, updates, events, snapshots: validation and JSON shapes        |
 //! | [`store`]        | sled: trees, keys, encoding, one transaction per group commit          |
 //! | [`writer`]       | the single writer: seqs, offsets, group commit, retention by count     |
-//! | [`hub`]          | live fan-out through broadcast channels                                |
-//! | [`subscription`] | replay from the store then live from the hub, resets, lag catch-up     |
+//! | [`hub`]          | live fan-out: a stage per watched job, its recent events, broadcasts   |
+//! | [`subscription`] | replay from the store, then attached to the hub's stage; resets        |
 //! | [`listen`]       | TCP and Unix listeners, sockets passed by systemd                      |
 //! | [`server`]       | the accept loop: connection limit, header timeout, tracked connections |
 //! | [`http`]         | warp routes, REST handlers, the JSON error body                        |
