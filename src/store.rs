@@ -394,6 +394,27 @@ impl Store {
             .collect()
     }
 
+    /// The (seq, offset) of up to `limit` retained events of incarnation `num` with seq >
+    /// `after`, in order: what the writer's trims and deletes need, without decoding the
+    /// rest of each event.
+    pub fn event_offsets_after(
+        &self,
+        num: u64,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, u64)>, StoreError> {
+        let start = codec::event_key(num, after.saturating_add(1));
+        let end = codec::event_key(num, u64::MAX);
+        self.events
+            .range(start..=end)
+            .take(limit)
+            .map(|item| {
+                let (_, value) = item.map_err(StoreError::sled("read events"))?;
+                codec::event_head(&value)
+            })
+            .collect()
+    }
+
     pub fn event(&self, num: u64, seq: u64) -> Result<Option<Event>, StoreError> {
         self.events
             .get(codec::event_key(num, seq))
@@ -614,6 +635,24 @@ pub mod codec {
             })
     }
 
+    /// The seq and offset of an encoded [`Event`](crate::model::Event): its leading
+    /// fields, decoded without the rest (the job id is borrowed, the change skipped).
+    pub fn event_head(bytes: &[u8]) -> Result<(u64, u64), StoreError> {
+        #[derive(serde::Deserialize)]
+        struct Head<'a> {
+            // Read in place (bincode decodes fields in order); only there to be stepped over.
+            _job: &'a str,
+            seq: u64,
+            offset: u64,
+        }
+        bincode::serde::borrow_decode_from_slice::<Head<'_>, _>(bytes, config())
+            .map(|(h, _)| (h.seq, h.offset))
+            .map_err(|e| StoreError::Decode {
+                what: "event",
+                detail: e.to_string(),
+            })
+    }
+
     pub fn u64_key(n: u64) -> [u8; 8] {
         n.to_be_bytes()
     }
@@ -745,6 +784,11 @@ mod tests {
             .map(|e| e.seq)
             .collect();
         assert_eq!(seqs, vec![2, 255, 256, 70_000]);
+        // The writer's header-only read agrees with the full decode.
+        assert_eq!(
+            store.event_offsets_after(7, 1, 10).unwrap(),
+            vec![(2, 2), (255, 255), (256, 256), (70_000, 70_000)]
+        );
         assert_eq!(store.heads().unwrap().offset, 99);
         assert_eq!(
             store.due(10, 10).unwrap(),

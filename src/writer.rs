@@ -584,11 +584,11 @@ impl<'a> Staged<'a> {
         }
         let stored = self
             .store
-            .events_after(rec.num, rec.first_seq - 1, excess as usize)?;
-        for ev in stored.into_iter().filter(|e| e.seq <= last_dropped) {
-            rec.dropped_offset = rec.dropped_offset.max(ev.offset);
-            self.events.insert((rec.num, ev.seq), None);
-            self.log.insert(ev.offset, None);
+            .event_offsets_after(rec.num, rec.first_seq - 1, excess as usize)?;
+        for (seq, offset) in stored.into_iter().filter(|(seq, _)| *seq <= last_dropped) {
+            rec.dropped_offset = rec.dropped_offset.max(offset);
+            self.events.insert((rec.num, seq), None);
+            self.log.insert(offset, None);
             self.heads.events = self.heads.events.saturating_sub(1);
         }
         rec.first_seq = last_dropped + 1;
@@ -612,9 +612,9 @@ impl<'a> Staged<'a> {
                 self.heads.events = self.heads.events.saturating_sub(1);
             }
         }
-        for ev in self.store.events_after(rec.num, 0, usize::MAX)? {
-            self.events.insert((rec.num, ev.seq), None);
-            self.log.insert(ev.offset, None);
+        for (seq, offset) in self.store.event_offsets_after(rec.num, 0, usize::MAX)? {
+            self.events.insert((rec.num, seq), None);
+            self.log.insert(offset, None);
             self.heads.events = self.heads.events.saturating_sub(1);
         }
         self.heads.jobs = self.heads.jobs.saturating_sub(1);
