@@ -382,16 +382,7 @@ impl Store {
         after: u64,
         limit: usize,
     ) -> Result<Vec<Event>, StoreError> {
-        let start = codec::event_key(num, after.saturating_add(1));
-        let end = codec::event_key(num, u64::MAX);
-        self.events
-            .range(start..=end)
-            .take(limit)
-            .map(|item| {
-                let (_, value) = item.map_err(StoreError::sled("read events"))?;
-                codec::decode("event", &value)
-            })
-            .collect()
+        self.read_events(num, after, limit, |value| codec::decode("event", value))
     }
 
     /// The (seq, offset) of up to `limit` retained events of incarnation `num` with seq >
@@ -403,6 +394,17 @@ impl Store {
         after: u64,
         limit: usize,
     ) -> Result<Vec<(u64, u64)>, StoreError> {
+        self.read_events(num, after, limit, codec::event_head)
+    }
+
+    /// Up to `limit` events of incarnation `num` with seq > `after`, each read by `decode`.
+    fn read_events<T>(
+        &self,
+        num: u64,
+        after: u64,
+        limit: usize,
+        decode: impl Fn(&[u8]) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
         let start = codec::event_key(num, after.saturating_add(1));
         let end = codec::event_key(num, u64::MAX);
         self.events
@@ -410,7 +412,7 @@ impl Store {
             .take(limit)
             .map(|item| {
                 let (_, value) = item.map_err(StoreError::sled("read events"))?;
-                codec::event_head(&value)
+                decode(&value)
             })
             .collect()
     }
