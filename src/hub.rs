@@ -134,6 +134,9 @@ struct JobFan {
     born: u64,
     /// Offset of the last notice the stage took up.
     taken: u64,
+    /// The stage is between two slices of a pass over `attached`: nobody else may move its
+    /// entries.
+    passing: bool,
     /// Notices up to this offset may have been missed by the stage (it lagged).
     lost_upto: u64,
     /// Incarnation and seq of the last event the stage took up.
@@ -238,6 +241,7 @@ impl Hub {
                     attached: Vec::new(),
                     born: self.published.load(Relaxed),
                     taken: 0,
+                    passing: false,
                     lost_upto: 0,
                     stage_last: None,
                     recent: VecDeque::new(),
@@ -429,7 +433,8 @@ impl Hub {
                     }
                     i += 1;
                 }
-                i < fan.attached.len()
+                fan.passing = i < fan.attached.len();
+                fan.passing
             };
             for (back, why) in backs.drain(..) {
                 let _ = back.send(why);
@@ -657,9 +662,13 @@ impl Drop for JobWatch {
         let Some(fan) = jobs.get_mut(&*self.job) else {
             return;
         };
-        // Not removed here: the stage may be halfway through a pass over the list.
-        for a in fan.attached.iter_mut().filter(|a| a.id == self.id) {
-            a.out = None;
+        if let Some(at) = fan.attached.iter().position(|a| a.id == self.id) {
+            if fan.passing {
+                // The stage is halfway through a pass over the list: it removes the slot.
+                fan.attached[at].out = None;
+            } else {
+                drop(fan.attached.swap_remove(at));
+            }
         }
         fan.watchers -= 1;
         if fan.watchers == 0 {
@@ -796,5 +805,18 @@ mod tests {
             }
         });
         check.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_dropped_subscription_leaves_no_slot_between_passes() {
+        let hub = hub(16);
+        let (tx, _rx) = mpsc::channel(8);
+        let stays = hub.watch_job("a");
+        let leaves = hub.watch_job("a");
+        for w in [&stays, &leaves] {
+            assert!(matches!(w.attach(&tx, START, 0), Attach::Attached(_)));
+        }
+        drop(leaves);
+        assert_eq!(hub.lock()["a"].attached.len(), 1);
     }
 }
