@@ -186,9 +186,9 @@ pub enum Attach {
     Behind,
 }
 
-/// Deliveries per slice of one notice: between slices the stage goes to the back of the run
-/// queue, so a publisher's request (or another job's stage) never waits for a whole fan-out
-/// to thousands.
+/// Subscriptions served per slice of a pass: between slices the stage goes to the back of the
+/// run queue, so a publisher's request (or another job's stage) never waits for a whole
+/// fan-out to thousands. (Two in unit tests, so a pass spans slices.)
 const SLICE: usize = if cfg!(test) { 2 } else { 128 };
 /// Notices a stage takes up in one pass, at most.
 const BATCH: usize = 64;
