@@ -123,6 +123,10 @@ bench() {
     echo "$report" >&2
 }
 
+# Idle first, on fresh servers: after the other scenarios a daemon reuses memory they freed,
+# and the growth per connection would read far too low.
+bench "idle, $SI SSE conns" progressd idle -s $SI -t 3s "${progressd_args[@]}" --pid $sync_pid
+bench "idle, $SI SSE conns" nchan idle -s $SI -t 3s "${nchan_args[@]}"
 bench "publish, 16 conns, single, sync" progressd publish -c 16 -d $D "${progressd_args[@]}" --pid $sync_pid
 bench "publish, 16 conns, single, sync" nchan publish -c 16 -d $D "${nchan_args[@]}"
 bench "publish, 16 conns, single, relaxed" progressd publish -c 16 -d $D "${relaxed_args[@]}"
@@ -136,8 +140,6 @@ bench "fanout, $S10 SSE subs, 1 job, 10/s" nchan fanout -s $S10 -r 10 -d $D --gr
 # carry the whole event, about five times Nchan's raw payload): the same with two.
 bench "fanout, $S10 SSE subs, 1 job, 10/s, 2 generator threads" progressd fanout -s $S10 -r 10 -d $D --grace 20s --threads 2 "${progressd_args[@]}" --pid $sync_pid
 bench "fanout, $S10 SSE subs, 1 job, 10/s, 2 generator threads" nchan fanout -s $S10 -r 10 -d $D --grace 20s --threads 2 "${nchan_args[@]}"
-bench "idle, $SI SSE conns" progressd idle -s $SI -t 3s "${progressd_args[@]}" --pid $sync_pid
-bench "idle, $SI SSE conns" nchan idle -s $SI -t 3s "${nchan_args[@]}"
 bench "resume storm, $SR subs, 100 behind" progressd resume-storm -s $SR -j $JR -n 100 "${progressd_args[@]}"
 bench "resume storm, $SR subs, 100 behind" nchan resume-storm -s $SR -j $JR -n 100 "${nchan_args[@]}"
 bench "startup, $E events over $J jobs" progressd startup -e $E -j $J --data-dir "$work/startup"

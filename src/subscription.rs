@@ -267,15 +267,19 @@ impl JobSubscription {
             }
         }
         // Replay from the store, then hand delivery to the hub's fan-out stage; whenever it
-        // hands us back (a full channel, a gap), replay again from where we are.
-        let ControlFlow::Continue(mut seen) = self.catch_up(src, &out, &mut pos).await? else {
+        // hands us back (a full channel, a gap), replay again from where we are. (Catch-up
+        // is boxed: an idle subscription's task then holds only what waiting needs.)
+        let ControlFlow::Continue(mut seen) = Box::pin(self.catch_up(src, &out, &mut pos)).await?
+        else {
             return Ok(());
         };
         loop {
             let back = match self.watch.attach(out.0, pos, seen) {
                 Attach::Attached(back) => back,
                 Attach::Behind => {
-                    let ControlFlow::Continue(s) = self.catch_up(src, &out, &mut pos).await? else {
+                    let ControlFlow::Continue(s) =
+                        Box::pin(self.catch_up(src, &out, &mut pos)).await?
+                    else {
                         return Ok(());
                     };
                     seen = s;
@@ -293,7 +297,9 @@ impl JobSubscription {
                             return Ok(());
                         }
                     }
-                    let ControlFlow::Continue(s) = self.catch_up(src, &out, &mut pos).await? else {
+                    let ControlFlow::Continue(s) =
+                        Box::pin(self.catch_up(src, &out, &mut pos)).await?
+                    else {
                         return Ok(());
                     };
                     seen = s;
