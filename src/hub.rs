@@ -266,8 +266,11 @@ impl Hub {
     /// Hands durable notices, in offset order, to their subscribers. Never blocks: a channel
     /// overwrites its oldest slot, and whoever was too slow catches up from the store.
     pub fn publish(&self, notices: &[Notice]) {
+        // In offset order: the last is the highest.
+        if let Some(last) = notices.last() {
+            self.published.fetch_max(last.offset(), Relaxed);
+        }
         for n in notices {
-            self.published.fetch_max(n.offset(), Relaxed);
             // No receiver is not an error: nobody is watching.
             let _ = self.all.send(n.clone());
         }
@@ -393,9 +396,7 @@ impl Hub {
             }
         }
         drop(jobs);
-        for (back, why) in backs.drain(..) {
-            let _ = back.send(why);
-        }
+        hand_back(backs);
     }
 
     /// One pass of `batch` (in offset order) over the attached subscriptions.
@@ -436,14 +437,20 @@ impl Hub {
                 fan.passing = i < fan.attached.len();
                 fan.passing
             };
-            for (back, why) in backs.drain(..) {
-                let _ = back.send(why);
-            }
+            hand_back(backs);
             if !more {
                 return;
             }
             Requeue::default().await;
         }
+    }
+}
+
+/// Tells each handed-back subscription why (outside the lock). One that is gone is no
+/// longer waiting to hear it.
+fn hand_back(backs: &mut Backs) {
+    for (back, why) in backs.drain(..) {
+        let _ = back.send(why);
     }
 }
 

@@ -152,16 +152,16 @@ fn retry_block(retry: Duration) -> Bytes {
 /// The bytes of one frame. An event's block is rendered once, by whichever of its
 /// subscribers gets there first, and shared by the others.
 fn block(frame: Frame, ids: Ids) -> Bytes {
-    match (frame, ids) {
-        (Frame::Event(e), Ids::Seq) => e
-            .sse_by_seq
-            .get_or_init(|| render(Frame::Event(Arc::clone(&e)), ids))
-            .clone(),
-        (Frame::Event(e), Ids::Offset) => e
-            .sse_by_offset
-            .get_or_init(|| render(Frame::Event(Arc::clone(&e)), ids))
-            .clone(),
-        (frame, ids) => render(frame, ids),
+    match frame {
+        Frame::Event(e) => {
+            let cell = match ids {
+                Ids::Seq => &e.sse_by_seq,
+                Ids::Offset => &e.sse_by_offset,
+            };
+            cell.get_or_init(|| render(Frame::Event(Arc::clone(&e)), ids))
+                .clone()
+        }
+        frame => render(frame, ids),
     }
 }
 

@@ -112,11 +112,6 @@ impl Out<'_> {
         self.0.send(frame).await.is_ok()
     }
 
-    /// Waits until a frame fits; `false` if the subscriber is gone.
-    async fn room(&self) -> bool {
-        self.0.reserve().await.is_ok()
-    }
-
     /// Waits until a frame fits, then says how many do (at most `max`); None if the
     /// subscriber is gone.
     async fn room_for(&self, max: usize) -> Option<usize> {
@@ -267,42 +262,24 @@ impl JobSubscription {
             }
         }
         // Replay from the store, then hand delivery to the hub's fan-out stage; whenever it
-        // hands us back (a full channel, a gap), replay again from where we are. (Catch-up
-        // is boxed: an idle subscription's task then holds only what waiting needs.)
-        let ControlFlow::Continue(mut seen) = Box::pin(self.catch_up(src, &out, &mut pos)).await?
-        else {
-            return Ok(());
-        };
+        // hands us back (a full channel, a gap) or will not take us yet, replay again from
+        // where we are. (Catch-up is boxed: an idle subscription's task then holds only what
+        // waiting needs. It starts by waiting for room, so a client handed back for not
+        // reading holds no page of events read for it.)
         loop {
-            let back = match self.watch.attach(out.0, pos, seen) {
-                Attach::Attached(back) => back,
-                Attach::Behind => {
-                    let ControlFlow::Continue(s) =
-                        Box::pin(self.catch_up(src, &out, &mut pos)).await?
-                    else {
-                        return Ok(());
-                    };
-                    seen = s;
-                    continue;
-                }
+            let ControlFlow::Continue(seen) = Box::pin(self.catch_up(src, &out, &mut pos)).await?
+            else {
+                return Ok(());
+            };
+            let Attach::Attached(back) = self.watch.attach(out.0, pos, seen) else {
+                continue;
             };
             match back.await {
                 Ok(Detached::Behind { pos: at, full }) => {
-                    pos = at;
                     if full {
                         src.metrics.lag_catchups.fetch_add(1, Relaxed);
-                        // Catch up once the client reads again: a client that never does
-                        // then holds no page of events read for it.
-                        if !out.room().await {
-                            return Ok(());
-                        }
                     }
-                    let ControlFlow::Continue(s) =
-                        Box::pin(self.catch_up(src, &out, &mut pos)).await?
-                    else {
-                        return Ok(());
-                    };
-                    seen = s;
+                    pos = at;
                 }
                 Ok(Detached::Ended { status }) => {
                     out.send(end(job, status)).await;
@@ -336,12 +313,8 @@ impl JobSubscription {
             let Some(recent) = self.watch.recent_after(*pos, room) else {
                 break;
             };
-            for e in recent.events {
-                pos.num = Some(e.num);
-                pos.last = e.seq;
-                if deliver(out, e).await == Flow::Done {
-                    return Ok(ControlFlow::Break(()));
-                }
+            if deliver_all(out, pos, recent.events).await == Flow::Done {
+                return Ok(ControlFlow::Break(()));
             }
             if !recent.more {
                 return Ok(ControlFlow::Continue(recent.upto));
@@ -405,11 +378,8 @@ impl JobSubscription {
             }
             // Rendered once for the job's other subscriptions this far behind, too.
             self.watch.offer(&rendered);
-            for e in rendered {
-                pos.last = e.seq;
-                if deliver(out, e).await == Flow::Done {
-                    return Ok(ControlFlow::Break(()));
-                }
+            if deliver_all(out, pos, rendered).await == Flow::Done {
+                return Ok(ControlFlow::Break(()));
             }
             if ahead || (!full && !gap) {
                 return Ok(ControlFlow::Continue(visible));
@@ -423,6 +393,18 @@ fn end(job: &str, status: Status) -> Frame {
         job: Arc::from(job),
         status,
     }
+}
+
+/// Delivers `events` (the next ones after `pos`, in order), moving `pos` along.
+async fn deliver_all(out: &Out<'_>, pos: &mut Position, events: Vec<Arc<EventMsg>>) -> Flow {
+    for e in events {
+        pos.num = Some(e.num);
+        pos.last = e.seq;
+        if deliver(out, e).await == Flow::Done {
+            return Flow::Done;
+        }
+    }
+    Flow::Continue
 }
 
 /// Sends an event, and `end` after a terminal one.
