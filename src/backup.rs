@@ -23,7 +23,7 @@ use serde_json::value::RawValue;
 use thiserror::Error;
 
 use crate::model::{to_json_line, Change, Event, JobRecord, Status};
-use crate::store::{Expiry, Heads, LogEntry, Mutation, Store, StoreError};
+use crate::store::{Expiry, Heads, Mutation, RunChange, Store, StoreError};
 use crate::writer::{WriteError, Writer};
 
 pub const VERSION: u64 = 1;
@@ -187,7 +187,16 @@ pub fn import(
     let ttl = finished_ttl.as_millis() as u64;
     let mut heads = Heads::default();
     let mut batch = Mutation::default();
+    // The job being read, and its run of events so far (consecutive seqs and offsets).
     let mut current: Option<(String, JobRecord)> = None;
+    let mut run: Vec<Event> = Vec::new();
+    let mut batched = 0usize;
+    let end_run = |batch: &mut Mutation, run: &mut Vec<Event>, num: u64| {
+        if let Some(first) = run.first() {
+            let key = (num, first.seq);
+            batch.runs.push((key, RunChange::Put(std::mem::take(run))));
+        }
+    };
     let flush_job = |batch: &mut Mutation, current: &mut Option<(String, JobRecord)>| {
         if let Some((job, rec)) = current.take() {
             if let Some(f) = rec.finished_ms {
@@ -230,6 +239,9 @@ pub fn import(
                 if !header_seen {
                     return Err(bad("no header line before the first job".into()));
                 }
+                if let Some((_, rec)) = &current {
+                    end_run(&mut batch, &mut run, rec.num);
+                }
                 flush_job(&mut batch, &mut current);
                 heads.num += 1;
                 heads.jobs += 1;
@@ -263,23 +275,16 @@ pub fn import(
                 let Some((job, rec)) = current.as_mut() else {
                     return Err(bad("an event before any job".into()));
                 };
-                if e.job != *job || e.seq < rec.first_seq || e.seq > rec.seq {
+                let after = run.last().map_or(0, |last| last.seq);
+                if e.job != *job || e.seq < rec.first_seq || e.seq > rec.seq || e.seq <= after {
                     return Err(bad(format!(
-                        "event {} of {} does not belong to job {job}",
+                        "event {} of {} does not belong to job {job}, or is out of order",
                         e.seq, e.job
                     )));
                 }
                 rec.last_offset = rec.last_offset.max(e.offset);
                 heads.offset = heads.offset.max(e.offset);
                 heads.events += 1;
-                batch.log.push((
-                    e.offset,
-                    Some(LogEntry::Event {
-                        job: e.job.clone(),
-                        num: rec.num,
-                        seq: e.seq,
-                    }),
-                ));
                 let event = Event {
                     job: e.job,
                     seq: e.seq,
@@ -295,14 +300,29 @@ pub fn import(
                         data: e.data,
                     },
                 };
-                batch.events.push(((rec.num, e.seq), Some(event)));
+                // A run holds consecutive seqs and offsets; anything else starts a new one.
+                let continues = run
+                    .last()
+                    .is_some_and(|l| l.seq + 1 == event.seq && l.offset + 1 == event.offset);
+                if !continues {
+                    end_run(&mut batch, &mut run, rec.num);
+                }
+                run.push(event);
+                batched += 1;
             }
             "next" => {}
             other => return Err(bad(format!("unknown line type {other:?}"))),
         }
-        if batch.events.len() >= 10_000 {
+        if batched >= 10_000 {
+            if let Some((_, rec)) = &current {
+                end_run(&mut batch, &mut run, rec.num);
+            }
             store.commit(&std::mem::take(&mut batch))?;
+            batched = 0;
         }
+    }
+    if let Some((_, rec)) = &current {
+        end_run(&mut batch, &mut run, rec.num);
     }
     flush_job(&mut batch, &mut current);
     batch.heads = Some(heads);

@@ -6,13 +6,23 @@
 //! | tree     | key                                   | value                         |
 //! |----------|---------------------------------------|-------------------------------|
 //! | `jobs`   | job id                                | [`JobRecord`] (the snapshot)  |
-//! | `events` | job num (8) + seq (8)                 | [`Event`]                     |
-//! | `log`    | offset (8)                            | [`LogEntry`]                  |
+//! | `events` | job num (8) + first seq (8)           | a run of events (see below)   |
+//! | `log`    | first offset (8)                      | [`LogRecord`]                 |
 //! | `expiry` | due ms (8) + kind (1) + job/offset/…  | empty                         |
 //! | `meta`   | name                                  | u64                           |
 //! | `idem`   | job id + 0 + idempotency key          | [`Remembered`] answer         |
 //!
 //! Values are encoded with bincode in [`codec`], the one place that knows the encoding.
+//!
+//! **Runs.** The events of one publish (one update or a batch) have consecutive seqs and
+//! consecutive offsets, and are stored as one value: a *run*, with one log record naming it.
+//! sled's cost is per key (every insert copies the leaf it lands in), so a batch of 100 costs
+//! two inserts, not two hundred. Retention drops whole runs and rewrites the one it cuts
+//! through (under its new first seq and first offset), so a run is always exactly what its log
+//! record says. Readers get events and log entries one by one, as before.
+//!
+//! The layout has a version in `meta` (`layout`); a store written by an earlier progressd
+//! (one key per event) is converted on open, in one transaction.
 //!
 //! The store does not decide anything: the writer (`writer.rs`) is its only mutator and hands
 //! it a [`Mutation`] that it applies in one sled transaction. Reads are free for anyone.
@@ -68,20 +78,61 @@ impl StoreError {
     }
 }
 
-/// An entry of the global log: every offset is either an event or the removal of a job, so a
-/// multi-job stream can replay deletions too.
+/// A record of the global log, keyed by its (first) offset: every offset is either an event
+/// of a run or the removal of a job, so a multi-job stream can replay deletions too.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub enum LogEntry {
-    Event { job: String, num: u64, seq: u64 },
-    Removed { job: String, num: u64 },
+pub enum LogRecord {
+    /// `count` events of job incarnation `num`, seqs from `first_seq`, offsets from the key.
+    Run {
+        job: String,
+        num: u64,
+        first_seq: u64,
+        count: u64,
+    },
+    Removed {
+        job: String,
+        num: u64,
+    },
 }
 
-impl LogEntry {
-    pub fn job(&self) -> &str {
-        match self {
-            LogEntry::Event { job, .. } | LogEntry::Removed { job, .. } => job,
-        }
-    }
+/// One offset of the log, as [`Store::log_after`] reads it.
+#[derive(Clone, Debug)]
+pub enum Logged {
+    Event {
+        num: u64,
+        event: Event,
+    },
+    Removed {
+        job: String,
+        num: u64,
+    },
+    /// An event of a job the reader did not ask for (read no further than its log record).
+    Elsewhere,
+}
+
+/// What a group commit does to one run of events, keyed by (job num, first seq).
+#[derive(Clone, Debug)]
+pub enum RunChange {
+    /// Store these events (non-empty; consecutive seqs and offsets) as one run.
+    Put(Vec<Event>),
+    /// Remove the stored run, and its log record at `first_offset`.
+    Drop { first_offset: u64 },
+}
+
+/// Where a stored run starts and how long it is: read without decoding its events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunHead {
+    pub first_seq: u64,
+    pub first_offset: u64,
+    pub count: u64,
+}
+
+/// How the store was written before runs: one key per event, one log entry per offset.
+/// Read only to convert such a store.
+#[derive(Deserialize, Serialize)]
+enum LegacyLogEntry {
+    Event { job: String, num: u64, seq: u64 },
+    Removed { job: String, num: u64 },
 }
 
 /// What the retention collector may have to do at a due time.
@@ -123,8 +174,9 @@ pub struct Heads {
 #[derive(Debug, Default)]
 pub struct Mutation {
     pub jobs: Vec<(String, Option<JobRecord>)>,
-    pub events: Vec<((u64, u64), Option<Event>)>,
-    pub log: Vec<(u64, Option<LogEntry>)>,
+    pub runs: Vec<((u64, u64), RunChange)>,
+    /// Tombstones of removed jobs: (offset, job and num), or None to drop one.
+    pub removals: Vec<(u64, Option<(String, u64)>)>,
     pub expiry: Vec<((u64, Expiry), bool)>,
     pub idem: Vec<((String, String), Option<Remembered>)>,
     pub heads: Option<Heads>,
@@ -240,6 +292,10 @@ const META_NUM: &[u8] = b"num";
 const META_LOG_FLOOR: &[u8] = b"log_floor";
 const META_EVENTS: &[u8] = b"events";
 const META_JOBS: &[u8] = b"jobs";
+const META_LAYOUT: &[u8] = b"layout";
+/// The layout of the trees this build writes: 2 is runs (1, never recorded, was one key per
+/// event).
+const LAYOUT: u64 = 2;
 
 impl Store {
     /// Opens (or creates) the store in `dir`. `cache_bytes` bounds sled's page cache.
@@ -270,6 +326,7 @@ impl Store {
             idem: tree("idem")?,
             db,
         };
+        store.upgrade_layout()?;
         // sled recovers what it can read and carries on; a store that comes back behind
         // where it had durably been has lost data, and serving it would hide that.
         let found = store.heads()?.offset;
@@ -282,6 +339,68 @@ impl Store {
             });
         }
         Ok(store)
+    }
+
+    /// Records the layout in a new store; converts a store of an earlier layout (one key per
+    /// event) to runs of one event, in one transaction: a crash leaves it as it was.
+    fn upgrade_layout(&self) -> Result<(), StoreError> {
+        let layout = self
+            .meta
+            .get(META_LAYOUT)
+            .map_err(StoreError::sled("read meta"))?
+            .map(|v| codec::u64_from(&v));
+        match layout {
+            Some(LAYOUT) => return Ok(()),
+            Some(other) => {
+                return Err(StoreError::Decode {
+                    what: "store layout",
+                    detail: format!(
+                        "layout {other} was written by a newer progressd (this one reads \
+                         {LAYOUT}); run that version, or export with it and import here"
+                    ),
+                })
+            }
+            None => {}
+        }
+        let mut events = sled::Batch::default();
+        let mut converted = 0u64;
+        for item in self.events.iter() {
+            let (key, value) = item.map_err(StoreError::sled("read events"))?;
+            let event: Event = codec::decode("event", &value)?;
+            events.insert(key, codec::encode_run(std::slice::from_ref(&event))?);
+            converted += 1;
+        }
+        let mut log = sled::Batch::default();
+        for item in self.log.iter() {
+            let (key, value) = item.map_err(StoreError::sled("read log"))?;
+            let record = match codec::decode("log entry", &value)? {
+                LegacyLogEntry::Event { job, num, seq } => LogRecord::Run {
+                    job,
+                    num,
+                    first_seq: seq,
+                    count: 1,
+                },
+                LegacyLogEntry::Removed { job, num } => LogRecord::Removed { job, num },
+            };
+            log.insert(key, codec::encode("log record", &record)?);
+        }
+        let mut meta = sled::Batch::default();
+        meta.insert(META_LAYOUT, &codec::u64_key(LAYOUT));
+        (&self.events, &self.log, &self.meta)
+            .transaction(|(te, tl, tm)| {
+                te.apply_batch(&events)?;
+                tl.apply_batch(&log)?;
+                tm.apply_batch(&meta)?;
+                Ok::<(), ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| transaction_error("convert layout", e))?;
+        self.db
+            .flush()
+            .map_err(StoreError::sled("flush converted layout"))?;
+        if converted > 0 {
+            tracing::info!(events = converted, "store converted to the run layout");
+        }
+        Ok(())
     }
 
     pub fn heads(&self) -> Result<Heads, StoreError> {
@@ -382,59 +501,141 @@ impl Store {
         after: u64,
         limit: usize,
     ) -> Result<Vec<Event>, StoreError> {
-        self.read_events(num, after, limit, |value| codec::decode("event", value))
+        let mut out = Vec::new();
+        let wanted = after.saturating_add(1);
+        for item in self
+            .events
+            .range(self.run_key_holding(num, wanted)?..=codec::event_key(num, u64::MAX))
+        {
+            if out.len() >= limit {
+                break;
+            }
+            let (_, value) = item.map_err(StoreError::sled("read events"))?;
+            let events = codec::decode_run(&value)?;
+            out.extend(
+                events
+                    .into_iter()
+                    .filter(|e| e.seq >= wanted)
+                    .take(limit - out.len()),
+            );
+        }
+        Ok(out)
     }
 
-    /// The (seq, offset) of up to `limit` retained events of incarnation `num` with seq >
-    /// `after`, in order: what the writer's trims and deletes need, without decoding the
-    /// rest of each event.
-    pub fn event_offsets_after(
-        &self,
-        num: u64,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, u64)>, StoreError> {
-        self.read_events(num, after, limit, codec::event_head)
+    /// The key of the run of `num` that holds `seq`, or where one holding it would start.
+    fn run_key_holding(&self, num: u64, seq: u64) -> Result<[u8; 16], StoreError> {
+        let at = codec::event_key(num, seq);
+        let before = self
+            .events
+            .range(codec::event_key(num, 0)..=at)
+            .next_back()
+            .transpose()
+            .map_err(StoreError::sled("read events"))?;
+        Ok(match before {
+            Some((_, value)) => {
+                let head = codec::run_head(&value)?;
+                if head.first_seq + head.count > seq {
+                    codec::event_key(num, head.first_seq)
+                } else {
+                    at
+                }
+            }
+            None => at,
+        })
     }
 
-    /// Up to `limit` events of incarnation `num` with seq > `after`, each read by `decode`.
-    fn read_events<T>(
+    /// Where up to `limit` stored runs of incarnation `num` start (the first at a seq ≥
+    /// `from_seq`), in order: what the writer's trims and deletes need, without decoding
+    /// any event.
+    pub fn run_heads(
         &self,
         num: u64,
-        after: u64,
+        from_seq: u64,
         limit: usize,
-        decode: impl Fn(&[u8]) -> Result<T, StoreError>,
-    ) -> Result<Vec<T>, StoreError> {
-        let start = codec::event_key(num, after.saturating_add(1));
-        let end = codec::event_key(num, u64::MAX);
+    ) -> Result<Vec<RunHead>, StoreError> {
         self.events
-            .range(start..=end)
+            .range(codec::event_key(num, from_seq)..=codec::event_key(num, u64::MAX))
             .take(limit)
             .map(|item| {
                 let (_, value) = item.map_err(StoreError::sled("read events"))?;
-                decode(&value)
+                codec::run_head(&value)
             })
             .collect()
     }
 
-    pub fn event(&self, num: u64, seq: u64) -> Result<Option<Event>, StoreError> {
+    /// The events of the stored run of `num` that starts at `first_seq`.
+    pub fn run(&self, num: u64, first_seq: u64) -> Result<Option<Vec<Event>>, StoreError> {
         self.events
-            .get(codec::event_key(num, seq))
-            .map_err(StoreError::sled("read event"))?
-            .map(|v| codec::decode("event", &v))
+            .get(codec::event_key(num, first_seq))
+            .map_err(StoreError::sled("read events"))?
+            .map(|v| codec::decode_run(&v))
             .transpose()
     }
 
-    /// Up to `limit` log entries with offset > `after`, in order.
-    pub fn log_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, LogEntry)>, StoreError> {
-        self.log
-            .range(codec::u64_key(after.saturating_add(1))..)
-            .take(limit)
-            .map(|item| {
-                let (key, value) = item.map_err(StoreError::sled("read log"))?;
-                Ok((codec::u64_from(&key), codec::decode("log entry", &value)?))
-            })
-            .collect()
+    /// Up to `limit` offsets of the log after `after`, in order, with the events of the jobs
+    /// `wanted` keeps (each run read once, however many of its events are taken).
+    ///
+    /// An offset with no entry was dropped by retention (or is an expired tombstone); so is
+    /// a run whose events were dropped between reading its log record and reading it.
+    pub fn log_after(
+        &self,
+        after: u64,
+        limit: usize,
+        wanted: &dyn Fn(&str) -> bool,
+    ) -> Result<Vec<(u64, Logged)>, StoreError> {
+        let from = after.saturating_add(1);
+        // The run holding `from` may start before it.
+        let start = match self
+            .log
+            .range(..=codec::u64_key(from))
+            .next_back()
+            .transpose()
+            .map_err(StoreError::sled("read log"))?
+        {
+            Some((key, _)) => codec::u64_from(&key),
+            None => from,
+        };
+        let mut out = Vec::new();
+        for item in self.log.range(codec::u64_key(start)..) {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, value) = item.map_err(StoreError::sled("read log"))?;
+            let first = codec::u64_from(&key);
+            let room = limit - out.len();
+            match codec::decode("log record", &value)? {
+                LogRecord::Removed { job, num } => {
+                    if first >= from {
+                        let entry = if wanted(&job) {
+                            Logged::Removed { job, num }
+                        } else {
+                            Logged::Elsewhere
+                        };
+                        out.push((first, entry));
+                    }
+                }
+                LogRecord::Run {
+                    job,
+                    num,
+                    first_seq,
+                    count,
+                } => {
+                    let offsets = first.max(from)..first.saturating_add(count);
+                    if !wanted(&job) {
+                        out.extend(offsets.take(room).map(|o| (o, Logged::Elsewhere)));
+                    } else if let Some(events) = self.run(num, first_seq)? {
+                        out.extend(
+                            events
+                                .into_iter()
+                                .filter(|e| offsets.contains(&e.offset))
+                                .take(room)
+                                .map(|event| (event.offset, Logged::Event { num, event })),
+                        );
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Expiries due at or before `now_ms`, oldest first.
@@ -465,18 +666,40 @@ impl Store {
             }
         }
         let mut events = sled::Batch::default();
-        for ((num, seq), ev) in &m.events {
-            let key = codec::event_key(*num, *seq);
-            match ev {
-                Some(ev) => events.insert(&key, codec::encode("event", ev)?),
-                None => events.remove(&key),
+        let mut log = sled::Batch::default();
+        for ((num, first_seq), change) in &m.runs {
+            let key = codec::event_key(*num, *first_seq);
+            match change {
+                RunChange::Put(run) => {
+                    let Some(first) = run.first() else { continue };
+                    events.insert(&key, codec::encode_run(run)?);
+                    let record = LogRecord::Run {
+                        job: first.job.clone(),
+                        num: *num,
+                        first_seq: *first_seq,
+                        count: run.len() as u64,
+                    };
+                    log.insert(
+                        &codec::u64_key(first.offset),
+                        codec::encode("log record", &record)?,
+                    );
+                }
+                RunChange::Drop { first_offset } => {
+                    events.remove(&key);
+                    log.remove(&codec::u64_key(*first_offset));
+                }
             }
         }
-        let mut log = sled::Batch::default();
-        for (offset, entry) in &m.log {
+        for (offset, removed) in &m.removals {
             let key = codec::u64_key(*offset);
-            match entry {
-                Some(entry) => log.insert(&key, codec::encode("log entry", entry)?),
+            match removed {
+                Some((job, num)) => {
+                    let record = LogRecord::Removed {
+                        job: job.clone(),
+                        num: *num,
+                    };
+                    log.insert(&key, codec::encode("log record", &record)?);
+                }
                 None => log.remove(&key),
             }
         }
@@ -522,16 +745,7 @@ impl Store {
                 ti.apply_batch(&idem)?;
                 Ok::<(), ConflictableTransactionError<()>>(())
             })
-            .map_err(|e| match e {
-                TransactionError::Storage(source) => StoreError::Sled {
-                    op: "commit",
-                    source,
-                },
-                TransactionError::Abort(()) => StoreError::Sled {
-                    op: "commit",
-                    source: sled::Error::Unsupported("transaction aborted".into()),
-                },
-            })
+            .map_err(|e| transaction_error("commit", e))
     }
 
     /// Makes every committed write durable. Concurrent callers share sled's flush.
@@ -582,6 +796,16 @@ impl Store {
     }
 }
 
+fn transaction_error(op: &'static str, e: TransactionError<()>) -> StoreError {
+    match e {
+        TransactionError::Storage(source) => StoreError::Sled { op, source },
+        TransactionError::Abort(()) => StoreError::Sled {
+            op,
+            source: sled::Error::Unsupported("transaction aborted".into()),
+        },
+    }
+}
+
 /// What an operator should do when the store cannot be opened. progressd itself never
 /// deletes or "repairs" a data directory.
 fn open_hint(e: &sled::Error) -> &'static str {
@@ -609,7 +833,8 @@ pub mod codec {
     use serde::de::DeserializeOwned;
     use serde::Serialize;
 
-    use super::{Expiry, StoreError};
+    use super::{Expiry, RunHead, StoreError};
+    use crate::model::{Change, Event};
 
     /// No record comes near this (data ≤ 16 KiB, message ≤ 4 KiB); a length prefix that
     /// claims more is damage, and must not become an allocation of that size.
@@ -637,22 +862,85 @@ pub mod codec {
             })
     }
 
-    /// The seq and offset of an encoded [`Event`](crate::model::Event): its leading
-    /// fields, decoded without the rest (the job id is borrowed, the change skipped).
-    pub fn event_head(bytes: &[u8]) -> Result<(u64, u64), StoreError> {
-        #[derive(serde::Deserialize)]
-        struct Head<'a> {
-            // Read in place (bincode decodes fields in order); only there to be stepped over.
-            _job: &'a str,
-            seq: u64,
-            offset: u64,
+    /// A run as stored: where it starts, then the job once and each event's time and change
+    /// (seq and offset follow from the position).
+    #[derive(serde::Deserialize)]
+    struct StoredRun {
+        offset: u64,
+        seq: u64,
+        count: u64,
+        job: String,
+        items: Vec<(u64, Change)>,
+    }
+
+    /// Its leading fields alone: bincode decodes fields in order and leaves the rest unread.
+    #[derive(serde::Deserialize)]
+    struct StoredRunHead {
+        offset: u64,
+        seq: u64,
+        count: u64,
+    }
+
+    /// Encodes a run of events (consecutive seqs and offsets, all of one job; non-empty).
+    pub fn encode_run(events: &[Event]) -> Result<Vec<u8>, StoreError> {
+        struct Items<'a>(&'a [Event]);
+        impl serde::Serialize for Items<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_seq(self.0.iter().map(|e| (e.at_ms, &e.change)))
+            }
         }
-        bincode::serde::borrow_decode_from_slice::<Head<'_>, _>(bytes, config())
-            .map(|(h, _)| (h.seq, h.offset))
-            .map_err(|e| StoreError::Decode {
-                what: "event",
-                detail: e.to_string(),
+        let first = events.first().ok_or_else(|| StoreError::Encode {
+            what: "run",
+            detail: "a run without events".into(),
+        })?;
+        encode(
+            "run",
+            &(
+                first.offset,
+                first.seq,
+                events.len() as u64,
+                &first.job,
+                Items(events),
+            ),
+        )
+    }
+
+    /// The events of an encoded run.
+    pub fn decode_run(bytes: &[u8]) -> Result<Vec<Event>, StoreError> {
+        let run: StoredRun = decode("run", bytes)?;
+        let bad = || StoreError::Decode {
+            what: "run",
+            detail: format!(
+                "it claims {} events and holds {}",
+                run.count,
+                run.items.len()
+            ),
+        };
+        if run.count != run.items.len() as u64 {
+            return Err(bad());
+        }
+        Ok(run
+            .items
+            .into_iter()
+            .zip(0u64..)
+            .map(|((at_ms, change), i)| Event {
+                job: run.job.clone(),
+                seq: run.seq.wrapping_add(i),
+                offset: run.offset.wrapping_add(i),
+                at_ms,
+                change,
             })
+            .collect())
+    }
+
+    /// Where an encoded run starts and how long it is, read without decoding its events.
+    pub fn run_head(bytes: &[u8]) -> Result<RunHead, StoreError> {
+        let head: StoredRunHead = decode("run", bytes)?;
+        Ok(RunHead {
+            first_seq: head.seq,
+            first_offset: head.offset,
+            count: head.count,
+        })
     }
 
     pub fn u64_key(n: u64) -> [u8; 8] {
@@ -757,15 +1045,33 @@ mod tests {
         }
     }
 
+    fn run(
+        job: &str,
+        num: u64,
+        seqs: std::ops::RangeInclusive<u64>,
+        offset: u64,
+    ) -> ((u64, u64), RunChange) {
+        let events: Vec<Event> = seqs
+            .clone()
+            .zip(offset..)
+            .map(|(seq, offset)| event(job, seq, offset))
+            .collect();
+        ((num, *seqs.start()), RunChange::Put(events))
+    }
+
+    fn seqs(events: &[Event]) -> Vec<u64> {
+        events.iter().map(|e| e.seq).collect()
+    }
+
     #[test]
     fn keys_sort_numerically_and_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 1 << 20, Faults::default()).unwrap();
         let mut m = Mutation::default();
         for seq in [1u64, 2, 255, 256, 70_000] {
-            m.events.push(((7, seq), Some(event("a", seq, seq))));
+            m.runs.push(run("a", 7, seq..=seq, seq));
         }
-        m.events.push(((8, 1), Some(event("b", 1, 99))));
+        m.runs.push(run("b", 8, 1..=1, 99));
         m.expiry.push(((5, Expiry::Job("a".into())), true));
         m.expiry.push(((3, Expiry::Tombstone(9)), true));
         let idem = Expiry::Idempotency {
@@ -779,17 +1085,9 @@ mod tests {
             ..Heads::default()
         });
         store.commit(&m).unwrap();
-        let seqs: Vec<u64> = store
-            .events_after(7, 1, 10)
-            .unwrap()
-            .iter()
-            .map(|e| e.seq)
-            .collect();
-        assert_eq!(seqs, vec![2, 255, 256, 70_000]);
-        // The writer's header-only read agrees with the full decode.
         assert_eq!(
-            store.event_offsets_after(7, 1, 10).unwrap(),
-            vec![(2, 2), (255, 255), (256, 256), (70_000, 70_000)]
+            seqs(&store.events_after(7, 1, 10).unwrap()),
+            vec![2, 255, 256, 70_000]
         );
         assert_eq!(store.heads().unwrap().offset, 99);
         assert_eq!(
@@ -801,5 +1099,144 @@ mod tests {
             ]
         );
         assert_eq!(store.due(4, 10).unwrap().len(), 1);
+    }
+
+    /// A run is one value, but every read starts and stops at any event inside it.
+    #[test]
+    fn reads_start_and_stop_inside_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20, Faults::default()).unwrap();
+        let mut m = Mutation::default();
+        // Job a: seqs 1–5 at offsets 1–5, then 6–9 at offsets 8–11; job b: 1–2 at 6–7.
+        m.runs.push(run("a", 1, 1..=5, 1));
+        m.runs.push(run("b", 2, 1..=2, 6));
+        m.runs.push(run("a", 1, 6..=9, 8));
+        m.removals.push((12, Some(("c".into(), 3))));
+        store.commit(&m).unwrap();
+        assert_eq!(
+            seqs(&store.events_after(1, 0, 100).unwrap()),
+            (1..=9).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            seqs(&store.events_after(1, 3, 4).unwrap()),
+            vec![4, 5, 6, 7]
+        );
+        assert_eq!(
+            seqs(&store.events_after(1, 9, 4).unwrap()),
+            Vec::<u64>::new()
+        );
+        let offsets: Vec<u64> = store
+            .events_after(1, 5, 2)
+            .unwrap()
+            .iter()
+            .map(|e| e.offset)
+            .collect();
+        assert_eq!(offsets, vec![8, 9]);
+        assert_eq!(
+            store.run_heads(1, 2, 10).unwrap(),
+            vec![RunHead {
+                first_seq: 6,
+                first_offset: 8,
+                count: 4
+            }]
+        );
+        // The log from inside a run, with job b not wanted.
+        let log = store.log_after(3, 7, &|job| job != "b").unwrap();
+        let described: Vec<String> = log
+            .iter()
+            .map(|(offset, entry)| match entry {
+                Logged::Event { num, event } => format!("{offset}:{num}/{}", event.seq),
+                Logged::Removed { job, .. } => format!("{offset}:-{job}"),
+                Logged::Elsewhere => format!("{offset}:~"),
+            })
+            .collect();
+        assert_eq!(
+            described,
+            ["4:1/4", "5:1/5", "6:~", "7:~", "8:1/6", "9:1/7", "10:1/8"]
+        );
+        let tail: Vec<u64> = store
+            .log_after(10, 10, &|_| true)
+            .unwrap()
+            .iter()
+            .map(|(o, _)| *o)
+            .collect();
+        assert_eq!(tail, vec![11, 12]);
+        // Dropping a run takes its log record with it.
+        let mut m = Mutation::default();
+        m.runs.push(((1, 1), RunChange::Drop { first_offset: 1 }));
+        store.commit(&m).unwrap();
+        let left: Vec<u64> = store
+            .log_after(0, 100, &|_| true)
+            .unwrap()
+            .iter()
+            .map(|(o, _)| *o)
+            .collect();
+        assert_eq!(left, (6..=12).collect::<Vec<_>>());
+        assert_eq!(
+            seqs(&store.events_after(1, 0, 100).unwrap()),
+            vec![6, 7, 8, 9]
+        );
+    }
+
+    /// A store written with one key per event (progressd before runs) is converted on open
+    /// and reads the same.
+    #[test]
+    fn a_store_of_the_earlier_layout_is_converted_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let (events, log) = (
+                db.open_tree("events").unwrap(),
+                db.open_tree("log").unwrap(),
+            );
+            for (seq, offset) in [(1u64, 1u64), (2, 2), (3, 4)] {
+                let ev = event("a", seq, offset);
+                events
+                    .insert(
+                        codec::event_key(1, seq),
+                        codec::encode("event", &ev).unwrap(),
+                    )
+                    .unwrap();
+                let entry = LegacyLogEntry::Event {
+                    job: "a".into(),
+                    num: 1,
+                    seq,
+                };
+                log.insert(
+                    codec::u64_key(offset),
+                    codec::encode("log entry", &entry).unwrap(),
+                )
+                .unwrap();
+            }
+            let gone = LegacyLogEntry::Removed {
+                job: "b".into(),
+                num: 2,
+            };
+            log.insert(
+                codec::u64_key(3),
+                codec::encode("log entry", &gone).unwrap(),
+            )
+            .unwrap();
+            db.flush().unwrap();
+        }
+        let store = Store::open(dir.path(), 1 << 20, Faults::default()).unwrap();
+        let events = store.events_after(1, 1, 10).unwrap();
+        assert_eq!(seqs(&events), vec![2, 3]);
+        assert_eq!(events[1].to_json(), event("a", 3, 4).to_json());
+        let log = store.log_after(0, 10, &|_| true).unwrap();
+        let kinds: Vec<(u64, bool)> = log
+            .iter()
+            .map(|(o, e)| {
+                (
+                    *o,
+                    matches!(e, Logged::Removed { job, num: 2 } if job == "b"),
+                )
+            })
+            .collect();
+        assert_eq!(kinds, vec![(1, false), (2, false), (3, true), (4, false)]);
+        drop(store);
+        // Opened again: already converted, nothing changes.
+        let store = Store::open(dir.path(), 1 << 20, Faults::default()).unwrap();
+        assert_eq!(seqs(&store.events_after(1, 0, 10).unwrap()), vec![1, 2, 3]);
     }
 }

@@ -31,7 +31,7 @@ use crate::auth::Grant;
 use crate::hub::{Attach, Detached, EventMsg, Hub, JobWatch, Notice, Position};
 use crate::metrics::Metrics;
 use crate::model::{to_json_line, JobId, JobRecord, Status};
-use crate::store::{LogEntry, Store, StoreError};
+use crate::store::{Logged, Store, StoreError};
 use crate::writer::{WriteError, Writer};
 
 /// Events read from the store per page.
@@ -586,9 +586,9 @@ impl ManySubscription {
         loop {
             let visible = src.writer.visible();
             let from = *last;
-            let entries: Vec<(u64, LogEntry)> = src
+            let entries: Vec<(u64, Logged)> = src
                 .store
-                .log_after(from, PAGE)?
+                .log_after(from, PAGE, &|job| self.filter.matches(job))?
                 .into_iter()
                 .take_while(|(offset, _)| *offset <= visible)
                 .collect();
@@ -605,24 +605,21 @@ impl ManySubscription {
                 return Ok(());
             }
             for (offset, entry) in entries {
-                if self.filter.matches(entry.job()) {
-                    let frame = match entry {
-                        LogEntry::Event { num, seq, .. } => match src.store.event(num, seq)? {
-                            Some(ev) => Frame::Event(Arc::new(EventMsg::new(&ev, num))),
-                            None => {
-                                // Dropped by retention between our two reads.
-                                *last = self.reset(src, out).await?;
-                                return Ok(());
-                            }
-                        },
-                        LogEntry::Removed { job, .. } => Frame::Removed {
-                            job: Arc::from(job),
-                            offset,
-                        },
-                    };
-                    if !out.send(frame).await {
-                        return Ok(());
+                let frame = match entry {
+                    Logged::Event { num, event } => {
+                        Frame::Event(Arc::new(EventMsg::new(&event, num)))
                     }
+                    Logged::Removed { job, .. } => Frame::Removed {
+                        job: Arc::from(job),
+                        offset,
+                    },
+                    Logged::Elsewhere => {
+                        *last = offset;
+                        continue;
+                    }
+                };
+                if !out.send(frame).await {
+                    return Ok(());
                 }
                 *last = offset;
             }

@@ -28,7 +28,9 @@ use crate::config::{Config, Durability};
 use crate::hub::{EventMsg, Hub, Notice};
 use crate::metrics::Metrics;
 use crate::model::{now_ms, Change, Event, JobId, JobRecord};
-use crate::store::{Expiry, Heads, LogEntry, Mutation, Remembered, Store, StoreError};
+use crate::store::{
+    Expiry, Heads, Logged, Mutation, Remembered, RunChange, RunHead, Store, StoreError,
+};
 use crate::supervisor::Supervisor;
 
 /// Commands taken in one drain, at most.
@@ -358,7 +360,7 @@ impl Core {
         let mut notices = Vec::new();
         let mut last = from;
         while last < to {
-            let entries = self.store.log_after(last, 1024)?;
+            let entries = self.store.log_after(last, 1024, &|_| true)?;
             if entries.is_empty() {
                 break;
             }
@@ -368,16 +370,15 @@ impl Core {
                 }
                 last = offset;
                 match entry {
-                    LogEntry::Event { num, seq, .. } => {
-                        if let Some(ev) = self.store.event(num, seq)? {
-                            notices.push(Notice::Event(Arc::new(EventMsg::new(&ev, num))));
-                        }
+                    Logged::Event { num, event } => {
+                        notices.push(Notice::Event(Arc::new(EventMsg::new(&event, num))));
                     }
-                    LogEntry::Removed { job, num } => notices.push(Notice::Removed {
+                    Logged::Removed { job, num } => notices.push(Notice::Removed {
                         job: Arc::from(job.as_str()),
                         num,
                         offset,
                     }),
+                    Logged::Elsewhere => {}
                 }
             }
         }
@@ -401,6 +402,16 @@ impl Core {
 
 use std::sync::atomic::Ordering::Relaxed;
 
+/// Where a staged run starts and how long it is.
+fn run_head(events: &[Event]) -> Option<RunHead> {
+    let first = events.first()?;
+    Some(RunHead {
+        first_seq: first.seq,
+        first_offset: first.offset,
+        count: events.len() as u64,
+    })
+}
+
 /// The state of one drain before it is committed: the job records it touched (as of the
 /// commands staged so far) and the writes it will make.
 struct Staged<'a> {
@@ -411,8 +422,10 @@ struct Staged<'a> {
     idem_window_ms: u64,
     idem: BTreeMap<(String, String), Option<Remembered>>,
     jobs: HashMap<String, (Option<JobRecord>, bool)>,
-    events: BTreeMap<(u64, u64), Option<Event>>,
-    log: BTreeMap<u64, Option<LogEntry>>,
+    /// Runs of events by (job num, first seq): staged to be stored, or stored and to drop.
+    runs: BTreeMap<(u64, u64), RunChange>,
+    /// Tombstones by offset: to write, or (None) to drop.
+    removals: BTreeMap<u64, Option<(String, u64)>>,
     expiry: Vec<((u64, Expiry), bool)>,
     notices: Vec<Notice>,
     changed: bool,
@@ -434,8 +447,8 @@ impl<'a> Staged<'a> {
             idem_window_ms,
             idem: BTreeMap::new(),
             jobs: HashMap::new(),
-            events: BTreeMap::new(),
-            log: BTreeMap::new(),
+            runs: BTreeMap::new(),
+            removals: BTreeMap::new(),
             expiry: Vec::new(),
             notices: Vec::new(),
             changed: false,
@@ -498,6 +511,8 @@ impl<'a> Staged<'a> {
             }
         };
         let count = changes.len() as u64;
+        let first_seq = rec.seq + 1;
+        let mut run = Vec::with_capacity(changes.len());
         for change in changes {
             self.heads.offset += 1;
             let event = Event {
@@ -508,19 +523,12 @@ impl<'a> Staged<'a> {
                 change,
             };
             rec.apply(&event);
-            self.log.insert(
-                event.offset,
-                Some(LogEntry::Event {
-                    job: event.job.clone(),
-                    num: rec.num,
-                    seq: event.seq,
-                }),
-            );
             self.notices
                 .push(Notice::Event(Arc::new(EventMsg::new(&event, rec.num))));
-            self.heads.events += 1;
-            self.events.insert((rec.num, event.seq), Some(event));
+            run.push(event);
         }
+        self.heads.events += count;
+        self.runs.insert((rec.num, first_seq), RunChange::Put(run));
         if let Some(finished_ms) = rec.finished_ms {
             self.expiry.push((
                 (finished_ms + self.ttl_ms, Expiry::Job(job.to_string())),
@@ -565,34 +573,90 @@ impl<'a> Staged<'a> {
     }
 
     /// Drops the oldest events beyond `history`, whether already stored or staged in this
-    /// drain (those are still delivered live; they are simply never stored).
+    /// drain (those are still delivered live; they are simply never stored). Whole runs go;
+    /// the one the cut goes through is stored again from the cut.
     fn trim(&mut self, rec: &mut JobRecord) -> Result<(), StoreError> {
-        let retained = rec.seq + 1 - rec.first_seq;
+        let retained = (rec.seq + 1).saturating_sub(rec.first_seq);
         let excess = retained.saturating_sub(self.history);
         if excess == 0 {
             return Ok(());
         }
         let last_dropped = rec.first_seq + excess - 1;
-        // Staged first: these were never stored, so dropping them is forgetting the insert.
-        // (In the other order this would also forget the removals staged just below.)
-        for seq in rec.first_seq..=last_dropped {
-            if let Some(Some(ev)) = self.events.remove(&(rec.num, seq)) {
-                rec.dropped_offset = rec.dropped_offset.max(ev.offset);
-                self.log.remove(&ev.offset);
-                self.heads.events = self.heads.events.saturating_sub(1);
+        while let Some(run) = self.oldest_run(rec.num, rec.first_seq)? {
+            if run.first_seq > last_dropped {
+                break;
             }
-        }
-        let stored = self
-            .store
-            .event_offsets_after(rec.num, rec.first_seq - 1, excess as usize)?;
-        for (seq, offset) in stored.into_iter().filter(|(seq, _)| *seq <= last_dropped) {
-            rec.dropped_offset = rec.dropped_offset.max(offset);
-            self.events.insert((rec.num, seq), None);
-            self.log.insert(offset, None);
-            self.heads.events = self.heads.events.saturating_sub(1);
+            let kept = (run.first_seq + run.count).saturating_sub(last_dropped + 1);
+            let dropped = run.count - kept;
+            if kept > 0 {
+                let mut events = self.run_events(rec.num, run)?;
+                events.drain(..dropped as usize);
+                self.runs
+                    .insert((rec.num, last_dropped + 1), RunChange::Put(events));
+            }
+            self.drop_run(rec.num, run);
+            rec.dropped_offset = rec.dropped_offset.max(run.first_offset + dropped - 1);
+            self.heads.events = self.heads.events.saturating_sub(dropped);
+            rec.first_seq = run.first_seq + dropped;
         }
         rec.first_seq = last_dropped + 1;
         Ok(())
+    }
+
+    /// The first run of job incarnation `num` at or after `from_seq`, as this drain sees it.
+    fn oldest_run(&self, num: u64, from_seq: u64) -> Result<Option<RunHead>, StoreError> {
+        let staged = self
+            .runs
+            .range((num, from_seq)..=(num, u64::MAX))
+            .find_map(|(_, change)| match change {
+                RunChange::Put(events) => run_head(events),
+                RunChange::Drop { .. } => None,
+            });
+        // Stored runs this drain has not dropped; one page is enough but for many drops.
+        let mut from = from_seq;
+        let stored = loop {
+            let page = self.store.run_heads(num, from, 16)?;
+            let Some(last) = page.last().copied() else {
+                break None;
+            };
+            let live = page
+                .into_iter()
+                .find(|h| !self.runs.contains_key(&(num, h.first_seq)));
+            if live.is_some() {
+                break live;
+            }
+            from = last.first_seq + 1;
+        };
+        Ok(match (staged, stored) {
+            (Some(a), Some(b)) => Some(if a.first_seq < b.first_seq { a } else { b }),
+            (a, b) => a.or(b),
+        })
+    }
+
+    /// The events of a run `oldest_run` found.
+    fn run_events(&self, num: u64, run: RunHead) -> Result<Vec<Event>, StoreError> {
+        match self.runs.get(&(num, run.first_seq)) {
+            Some(RunChange::Put(events)) => Ok(events.clone()),
+            Some(RunChange::Drop { .. }) | None => {
+                Ok(self.store.run(num, run.first_seq)?.unwrap_or_default())
+            }
+        }
+    }
+
+    /// Forgets a staged run, or drops a stored one.
+    fn drop_run(&mut self, num: u64, run: RunHead) {
+        let key = (num, run.first_seq);
+        match self.runs.remove(&key) {
+            Some(RunChange::Put(_)) => {}
+            Some(RunChange::Drop { .. }) | None => {
+                self.runs.insert(
+                    key,
+                    RunChange::Drop {
+                        first_offset: run.first_offset,
+                    },
+                );
+            }
+        }
     }
 
     /// Removes a job and its history, leaving a tombstone in the log. False if unknown.
@@ -600,23 +664,11 @@ impl<'a> Staged<'a> {
         let Some(rec) = self.job(job)? else {
             return Ok(false);
         };
-        let staged: Vec<(u64, u64)> = self
-            .events
-            .range((rec.num, 0)..=(rec.num, u64::MAX))
-            .filter(|(_, ev)| ev.is_some())
-            .map(|(k, _)| *k)
-            .collect();
-        for key in staged {
-            if let Some(Some(ev)) = self.events.remove(&key) {
-                self.log.remove(&ev.offset);
-                self.heads.events = self.heads.events.saturating_sub(1);
-            }
+        while let Some(run) = self.oldest_run(rec.num, 0)? {
+            self.drop_run(rec.num, run);
         }
-        for (seq, offset) in self.store.event_offsets_after(rec.num, 0, usize::MAX)? {
-            self.events.insert((rec.num, seq), None);
-            self.log.insert(offset, None);
-            self.heads.events = self.heads.events.saturating_sub(1);
-        }
+        let retained = (rec.seq + 1).saturating_sub(rec.first_seq);
+        self.heads.events = self.heads.events.saturating_sub(retained);
         self.heads.jobs = self.heads.jobs.saturating_sub(1);
         // Its idempotency keys go with it (their expiries then find nothing).
         let staged_keys: Vec<String> = self
@@ -639,13 +691,8 @@ impl<'a> Staged<'a> {
         }
         self.heads.offset += 1;
         let offset = self.heads.offset;
-        self.log.insert(
-            offset,
-            Some(LogEntry::Removed {
-                job: job.to_owned(),
-                num: rec.num,
-            }),
-        );
+        self.removals
+            .insert(offset, Some((job.to_owned(), rec.num)));
         self.expiry
             .push(((now + self.ttl_ms, Expiry::Tombstone(offset)), true));
         self.notices.push(Notice::Removed {
@@ -672,7 +719,7 @@ impl<'a> Staged<'a> {
                 }
             }
             Expiry::Tombstone(offset) => {
-                self.log.insert(offset, None);
+                self.removals.insert(offset, None);
                 self.heads.log_floor = self.heads.log_floor.max(offset);
             }
             Expiry::Idempotency { job, key } => {
@@ -693,8 +740,8 @@ impl<'a> Staged<'a> {
                 .filter(|(_, (_, dirty))| *dirty)
                 .map(|(job, (rec, _))| (job, rec))
                 .collect(),
-            events: self.events.into_iter().collect(),
-            log: self.log.into_iter().collect(),
+            runs: self.runs.into_iter().collect(),
+            removals: self.removals.into_iter().collect(),
             expiry: self.expiry,
             idem: self.idem.into_iter().collect(),
             heads: Some(self.heads),

@@ -192,6 +192,58 @@ async fn history_keeps_the_last_n_events_and_the_snapshot() {
     d.stop().await;
 }
 
+/// Each publish's events are stored as one run; retention drops whole runs and cuts through
+/// one. Concurrent batches to one job (several in one group commit, cut while still staged)
+/// leave exactly the last N events, counted right, and the multi-job stream replays exactly
+/// those from the log, before and after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_cuts_through_runs_of_concurrent_batches() {
+    let d = Daemon::with(|c| c.history = 10).await;
+    let batches = (0..20u64).map(|i| {
+        let batch: Vec<Value> = (1..=7).map(|k| step(i * 7 + k)).collect();
+        d.publish_ok("j", Value::Array(batch))
+    });
+    futures_util::future::join_all(batches).await;
+    d.publish_ok("other", step(1)).await;
+    let (mut d, mut _dir) = (d, None);
+    for restarted in [false, true] {
+        let events = d.history("j").await;
+        let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+        assert_eq!(
+            seqs,
+            (131..=140).collect::<Vec<_>>(),
+            "restarted: {restarted}"
+        );
+        let (_, snap) = d.get("/v1/jobs/j").await;
+        assert_eq!(snap["first_seq"], 131);
+        assert!(
+            d.metrics().await.contains("progressd_events_stored 11\n"),
+            "ten of j and one of other"
+        );
+        // The log, from just before the first retained event: those ten, then `other`.
+        let first_offset = events[0]["offset"].as_u64().unwrap();
+        let (_, mut all) = d
+            .sse("/v1/stream", Some(&(first_offset - 1).to_string()))
+            .await;
+        let mut replayed = Vec::new();
+        loop {
+            let ev = all.expect().await;
+            assert_eq!(ev.event, "progress", "{ev:?}");
+            if ev.data["job"] == "other" {
+                break;
+            }
+            replayed.push(ev.data["seq"].as_u64().unwrap());
+        }
+        assert_eq!(replayed, seqs);
+        if !restarted {
+            let dir = d.stop().await.unwrap();
+            d = Daemon::on(&dir.path().join("data"), |c| c.history = 10).await;
+            _dir = Some(dir);
+        }
+    }
+    d.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finished_jobs_expire_after_the_ttl_and_nothing_else_does() {
     let d = Daemon::with(|c| {

@@ -147,14 +147,22 @@ proptest! {
     fn store_decoding(bytes in proptest::collection::vec(any::<u8>(), 0..200), change in change(), seq in any::<u64>(), offset in any::<u64>()) {
         let _ = codec::decode::<Event>("event", &bytes);
         let _ = codec::decode::<progressd::model::JobRecord>("job", &bytes);
-        let _ = codec::decode::<progressd::store::LogEntry>("log entry", &bytes);
+        let _ = codec::decode::<progressd::store::LogRecord>("log record", &bytes);
         let _ = codec::expiry_from(&bytes);
-        let _ = codec::event_head(&bytes);
+        let _ = codec::decode_run(&bytes);
+        let _ = codec::run_head(&bytes);
         let event = Event { job: "j".into(), seq, offset, at_ms: seq ^ offset, change };
         let encoded = codec::encode("event", &event).unwrap();
         let back: Event = codec::decode("event", &encoded).unwrap();
         prop_assert_eq!(back.to_json(), event.to_json());
-        // The writer's header-only read of an event agrees with the full decode.
-        prop_assert_eq!(codec::event_head(&encoded).unwrap(), (seq, offset));
+        // A run of it reads back the same, and its head agrees with the full decode.
+        let next = Event { seq: seq.wrapping_add(1), offset: offset.wrapping_add(1), ..back };
+        let run = codec::encode_run(&[event.clone(), next.clone()]).unwrap();
+        let events = codec::decode_run(&run).unwrap();
+        prop_assert_eq!(events.len(), 2);
+        prop_assert_eq!(events[0].to_json(), event.to_json());
+        prop_assert_eq!(events[1].to_json(), next.to_json());
+        let head = codec::run_head(&run).unwrap();
+        prop_assert_eq!((head.first_seq, head.first_offset, head.count), (seq, offset, 2));
     }
 }
