@@ -563,6 +563,16 @@ impl Store {
             .collect()
     }
 
+    /// Where the stored run of `num` that starts at `first_seq` is, if there is one (a point
+    /// read: much cheaper in sled than a range).
+    pub fn run_head_at(&self, num: u64, first_seq: u64) -> Result<Option<RunHead>, StoreError> {
+        self.events
+            .get(codec::event_key(num, first_seq))
+            .map_err(StoreError::sled("read events"))?
+            .map(|v| codec::run_head(&v))
+            .transpose()
+    }
+
     /// The events of the stored run of `num` that starts at `first_seq`.
     pub fn run(&self, num: u64, first_seq: u64) -> Result<Option<Vec<Event>>, StoreError> {
         self.events

@@ -612,16 +612,24 @@ impl<'a> Staged<'a> {
                 RunChange::Put(events) => run_head(events),
                 RunChange::Drop { .. } => None,
             });
-        // Stored runs this drain has not dropped; one page is enough but for many drops.
+        // Stored runs this drain has not dropped. The oldest normally starts right at
+        // `from_seq` (the job's first retained seq): a point read finds it.
+        let dropped = |seq: u64| self.runs.contains_key(&(num, seq));
+        if !dropped(from_seq) {
+            if let Some(head) = self.store.run_head_at(num, from_seq)? {
+                return Ok(Some(match staged {
+                    Some(s) if s.first_seq < head.first_seq => s,
+                    _ => head,
+                }));
+            }
+        }
         let mut from = from_seq;
         let stored = loop {
             let page = self.store.run_heads(num, from, 16)?;
             let Some(last) = page.last().copied() else {
                 break None;
             };
-            let live = page
-                .into_iter()
-                .find(|h| !self.runs.contains_key(&(num, h.first_seq)));
+            let live = page.into_iter().find(|h| !dropped(h.first_seq));
             if live.is_some() {
                 break live;
             }
