@@ -11,7 +11,7 @@
 //! | [`backup`]       | export (JSON lines, from a running daemon) and import (offline)        |
 //! | [`config`]       | the command line and the validated [`Config`]                          |
 //! | [`model`]        | job ids, updates, events, snapshots: validation and JSON shapes        |
-//! | [`store`]        | sled: trees, keys, encoding, one transaction per group commit          |
+//! | [`store`]        | sled: trees, keys, encoding (a publish's events are one value, a run)  |
 //! | [`writer`]       | the single writer: seqs, offsets, group commit, retention by count     |
 //! | [`hub`]          | live fan-out: a stage per watched job, its recent events, broadcasts   |
 //! | [`subscription`] | replay from the store, then attached to the hub's stage; resets        |
