@@ -1069,6 +1069,11 @@ mod tests {
         ((num, *seqs.start()), RunChange::Put(events))
     }
 
+    fn log_offsets(store: &Store, after: u64) -> Vec<u64> {
+        let log = store.log_after(after, 100, &|_| true).unwrap();
+        log.iter().map(|(offset, _)| *offset).collect()
+    }
+
     fn seqs(events: &[Event]) -> Vec<u64> {
         events.iter().map(|e| e.seq).collect()
     }
@@ -1164,24 +1169,12 @@ mod tests {
             described,
             ["4:1/4", "5:1/5", "6:~", "7:~", "8:1/6", "9:1/7", "10:1/8"]
         );
-        let tail: Vec<u64> = store
-            .log_after(10, 10, &|_| true)
-            .unwrap()
-            .iter()
-            .map(|(o, _)| *o)
-            .collect();
-        assert_eq!(tail, vec![11, 12]);
+        assert_eq!(log_offsets(&store, 10), vec![11, 12]);
         // Dropping a run takes its log record with it.
         let mut m = Mutation::default();
         m.runs.push(((1, 1), RunChange::Drop { first_offset: 1 }));
         store.commit(&m).unwrap();
-        let left: Vec<u64> = store
-            .log_after(0, 100, &|_| true)
-            .unwrap()
-            .iter()
-            .map(|(o, _)| *o)
-            .collect();
-        assert_eq!(left, (6..=12).collect::<Vec<_>>());
+        assert_eq!(log_offsets(&store, 0), (6..=12).collect::<Vec<_>>());
         assert_eq!(
             seqs(&store.events_after(1, 0, 100).unwrap()),
             vec![6, 7, 8, 9]
