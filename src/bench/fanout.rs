@@ -9,7 +9,7 @@ use clap::{Args, ValueEnum};
 use serde_json::json;
 
 use super::sse::{self, Seen};
-use super::{on_threads, Report, Samples, Target};
+use super::{on_threads, Report, Samples, Signal, Target};
 
 #[derive(Debug, Args)]
 pub struct FanoutBench {
@@ -54,7 +54,13 @@ struct Shared {
     /// Events published to each job so far.
     published: Vec<AtomicU64>,
     finished: AtomicBool,
-    finished_at_us: AtomicU64,
+    /// The grace after the last publish ran out: whoever is still missing events stops.
+    expired: AtomicBool,
+    /// Raised when publishing is finished, and when the grace ran out.
+    phase: Signal,
+    /// Subscribers that are done; the last one tells the publisher it need not wait longer.
+    ended: AtomicUsize,
+    all_ended: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -77,7 +83,10 @@ pub fn run(b: FanoutBench) -> Result<Report, String> {
         connect_errors: AtomicUsize::new(0),
         published: (0..jobs).map(|_| AtomicU64::new(0)).collect(),
         finished: AtomicBool::new(false),
-        finished_at_us: AtomicU64::new(0),
+        expired: AtomicBool::new(false),
+        phase: Signal::default(),
+        ended: AtomicUsize::new(0),
+        all_ended: tokio::sync::Notify::new(),
     };
     let threads = t.threads.max(1);
     // The publisher has an OS thread of its own: its POST latency is the server's answer,
@@ -186,13 +195,13 @@ async fn subscriber(
     let jobs = b.jobs.max(1);
     let job = b.target.job(run, i % jobs);
     let mut seen = Seen::default();
+    let mut wake = shared.phase.waiter();
     let done = |seen: &Seen| {
         if !shared.finished.load(Ordering::Acquire) {
             return false;
         }
         let target = shared.published[i % jobs].load(Ordering::Relaxed);
-        let waited = super::now_us().saturating_sub(shared.finished_at_us.load(Ordering::Relaxed));
-        seen.last_n >= target || waited > b.grace.as_micros() as u64
+        seen.last_n >= target || shared.expired.load(Ordering::Acquire)
     };
     // At most --connect-concurrency handshakes at once; reading is not limited.
     let permit = connecting.acquire().await;
@@ -201,7 +210,7 @@ async fn subscriber(
             Ok(res) => {
                 shared.settled.fetch_add(1, Ordering::AcqRel);
                 drop(permit);
-                sse::consume(res, &mut seen, &done).await;
+                sse::consume(res, &mut seen, &done, &mut wake).await;
             }
             Err(e) => {
                 shared.connect_errors.fetch_add(1, Ordering::Relaxed);
@@ -214,8 +223,11 @@ async fn subscriber(
             // The subscription is made during the handshake; count it settled just before.
             shared.settled.fetch_add(1, Ordering::AcqRel);
             drop(permit);
-            sse::consume_ws(&url, &mut seen, &done).await;
+            sse::consume_ws(&url, &mut seen, &done, &mut wake).await;
         }
+    }
+    if shared.ended.fetch_add(1, Ordering::AcqRel) + 1 == b.subscribers {
+        shared.all_ended.notify_one();
     }
     seen
 }
@@ -264,10 +276,15 @@ async fn publisher(
         k += 1;
     }
     tally.elapsed = start.elapsed().as_secs_f64();
-    shared
-        .finished_at_us
-        .store(super::now_us(), Ordering::Relaxed);
     shared.finished.store(true, Ordering::Release);
+    shared.phase.raise();
+    // Missing deliveries are waited for until the grace runs out (or nobody misses any).
+    tokio::select! {
+        () = tokio::time::sleep(b.grace) => {}
+        () = shared.all_ended.notified() => {}
+    }
+    shared.expired.store(true, Ordering::Release);
+    shared.phase.raise();
     tally.cpu_before = cpu_before;
     tally
 }

@@ -221,6 +221,43 @@ pub fn fill(template: &str, url: &str, job: &str) -> String {
 }
 
 /// Microseconds since this process first asked: the clock of every `sent_us`.
+/// A moment every subscriber of a scenario waits for: the storm begins, the publisher is
+/// done, the grace ran out. One shared signal rather than a timer per subscriber: 10,000
+/// subscribers each polling every 100 ms were 100,000 timer wake-ups a second in the load
+/// generator, on the cores the server shares; they saturated it, inflated its latencies and
+/// delayed its own handshakes past the server's 10 s header timeout. A `watch` channel, so
+/// that it wakes tasks on every generator thread's runtime.
+pub struct Signal(tokio::sync::watch::Sender<u32>);
+
+impl Default for Signal {
+    fn default() -> Signal {
+        Signal(tokio::sync::watch::channel(0).0)
+    }
+}
+
+impl Signal {
+    /// Wakes every waiter.
+    pub fn raise(&self) {
+        self.0.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A waiter for the raises after this call.
+    pub fn waiter(&self) -> Waiter {
+        Waiter(self.0.subscribe())
+    }
+}
+
+pub struct Waiter(tokio::sync::watch::Receiver<u32>);
+
+impl Waiter {
+    /// Until the next raise (never, once the signal is gone).
+    pub async fn next(&mut self) {
+        if self.0.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 pub fn now_us() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_micros() as u64

@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use serde_json::json;
 
 use super::sse::{self, Seen};
-use super::{now_us, on_threads, Report, Samples, Target};
+use super::{now_us, on_threads, Report, Samples, Signal, Target};
 
 #[derive(Debug, Args)]
 pub struct ResumeBench {
@@ -46,6 +46,10 @@ struct Shared {
     target: Vec<AtomicU64>,
     storm: AtomicBool,
     storm_at_us: AtomicU64,
+    /// The publisher stopped: everyone caught up, or the timeout ran out.
+    over: AtomicBool,
+    /// Raised when the storm begins and when it is over.
+    moment: Signal,
 }
 
 struct Outcome {
@@ -68,6 +72,8 @@ pub fn run(b: ResumeBench) -> Result<Report, String> {
         target: (0..jobs).map(|_| AtomicU64::new(u64::MAX)).collect(),
         storm: AtomicBool::new(false),
         storm_at_us: AtomicU64::new(0),
+        over: AtomicBool::new(false),
+        moment: Signal::default(),
     };
     let threads = t.threads.max(1);
     let results = on_threads(threads, |thread| {
@@ -149,6 +155,7 @@ async fn subscriber(
     let j = i % b.jobs.max(1);
     let job = b.target.job(run, j);
     let mut seen = Seen::default();
+    let mut wake = shared.moment.waiter();
     let fail = |mut seen: Seen, e: String| {
         shared.failed.fetch_add(1, Ordering::AcqRel);
         seen.error.get_or_insert(e);
@@ -163,14 +170,14 @@ async fn subscriber(
         Err(e) => return fail(seen, e),
     };
     shared.connected.fetch_add(1, Ordering::AcqRel);
-    sse::consume(res, &mut seen, &|s: &Seen| s.last_n >= 1).await;
+    sse::consume(res, &mut seen, &|s: &Seen| s.last_n >= 1, &mut wake).await;
     if seen.last_n < 1 {
         return fail(seen, "the first event never came".to_owned());
     }
     // 2. Gone (the response is dropped); wait for the storm.
     shared.dropped.fetch_add(1, Ordering::AcqRel);
     while !shared.storm.load(Ordering::Acquire) {
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        wake.next().await;
     }
     // 3. Back, from the last id seen.
     let resume_from = seen.last_id.clone();
@@ -180,11 +187,8 @@ async fn subscriber(
     };
     let target = shared.target[j].load(Ordering::Acquire);
     let started = shared.storm_at_us.load(Ordering::Acquire);
-    let give_up = Instant::now() + b.timeout;
-    sse::consume(res, &mut seen, &|s: &Seen| {
-        s.last_n >= target || Instant::now() > give_up
-    })
-    .await;
+    let done = |s: &Seen| s.last_n >= target || shared.over.load(Ordering::Acquire);
+    sse::consume(res, &mut seen, &done, &mut wake).await;
     let caught_up_us = (seen.last_n >= target).then(|| now_us().saturating_sub(started));
     if caught_up_us.is_some() {
         shared.caught_up.fetch_add(1, Ordering::AcqRel);
@@ -247,6 +251,7 @@ async fn publisher(b: &ResumeBench, run: &str, client: &reqwest::Client, shared:
     }
     shared.storm_at_us.store(now_us(), Ordering::Release);
     shared.storm.store(true, Ordering::Release);
+    shared.moment.raise();
     let interval = Duration::from_secs_f64(1.0 / b.rate.max(0.001));
     let start = Instant::now();
     let mut k = 0u64;
@@ -258,5 +263,8 @@ async fn publisher(b: &ResumeBench, run: &str, client: &reqwest::Client, shared:
         errors += u64::from(!publish((k % jobs as u64) as usize, 1).await);
         k += 1;
     }
+    // Whoever has not caught up by now gives up.
+    shared.over.store(true, Ordering::Release);
+    shared.moment.raise();
     errors
 }

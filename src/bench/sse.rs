@@ -4,7 +4,7 @@
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
 
-use super::{now_us, Resume, Samples, Target};
+use super::{now_us, Resume, Samples, Target, Waiter};
 
 /// What one subscriber saw.
 #[derive(Debug, Default)]
@@ -69,6 +69,19 @@ fn number_after(text: &str, key: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
+/// An error and what caused it, down the chain: reqwest's own message alone ("error sending
+/// request") does not say whether the connect was refused, reset or timed out.
+pub fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
 /// Opens a subscription; `Ok` once the server answered 2xx (it is subscribed).
 pub async fn connect(
     client: &reqwest::Client,
@@ -92,7 +105,7 @@ pub async fn connect(
         .authorized(req.header("accept", "text/event-stream"))
         .send()
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| with_causes(&e))?;
     if !res.status().is_success() {
         return Err(format!("{url}: {}", res.status()));
     }
@@ -100,25 +113,37 @@ pub async fn connect(
 }
 
 /// Reads events into `seen` until `done(seen)` says so (asked after every event and every
-/// 100 ms), or the stream ends.
-pub async fn consume(res: reqwest::Response, seen: &mut Seen, done: &dyn Fn(&Seen) -> bool) {
+/// time `wake` is raised), or the stream ends.
+pub async fn consume(
+    res: reqwest::Response,
+    seen: &mut Seen,
+    done: &dyn Fn(&Seen) -> bool,
+    wake: &mut Waiter,
+) {
     let mut events = res.bytes_stream().eventsource();
     while !done(seen) {
-        match tokio::time::timeout(TICK, events.next()).await {
-            Err(_) => continue,
-            Ok(None) => return,
-            Ok(Some(Err(e))) => {
-                seen.error.get_or_insert(e.to_string());
-                return;
-            }
-            Ok(Some(Ok(event))) => seen.take(&event.event, &event.data, event.id),
+        tokio::select! {
+            event = events.next() => match event {
+                None => return,
+                Some(Err(e)) => {
+                    seen.error.get_or_insert(e.to_string());
+                    return;
+                }
+                Some(Ok(event)) => seen.take(&event.event, &event.data, event.id),
+            },
+            () = wake.next() => {}
         }
     }
 }
 
 /// The same over a WebSocket (progressd's `/v1/jobs/{job}/ws`): text frames whose JSON holds
 /// the payload; `type` plays the part of the SSE event name.
-pub async fn consume_ws(url: &str, seen: &mut Seen, done: &dyn Fn(&Seen) -> bool) {
+pub async fn consume_ws(
+    url: &str,
+    seen: &mut Seen,
+    done: &dyn Fn(&Seen) -> bool,
+    wake: &mut Waiter,
+) {
     let mut ws = match tokio_tungstenite::connect_async(url).await {
         Ok((ws, _)) => ws,
         Err(e) => {
@@ -127,14 +152,17 @@ pub async fn consume_ws(url: &str, seen: &mut Seen, done: &dyn Fn(&Seen) -> bool
         }
     };
     while !done(seen) {
-        match tokio::time::timeout(TICK, ws.next()).await {
-            Err(_) => continue,
-            Ok(None) => return,
-            Ok(Some(Err(e))) => {
+        let message = tokio::select! {
+            message = ws.next() => message,
+            () = wake.next() => continue,
+        };
+        match message {
+            None => return,
+            Some(Err(e)) => {
                 seen.error.get_or_insert(e.to_string());
                 return;
             }
-            Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text)))) => {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text))) => {
                 let kind = if text.starts_with(r#"{"type":"snapshot""#) {
                     "snapshot"
                 } else if text.starts_with(r#"{"type":"reset""#) {
@@ -145,12 +173,10 @@ pub async fn consume_ws(url: &str, seen: &mut Seen, done: &dyn Fn(&Seen) -> bool
                 let id = number_after(&text, "\"seq\":").map(|n| n.to_string());
                 seen.take(kind, &text, id.unwrap_or_default());
             }
-            Ok(Some(Ok(_))) => {}
+            Some(Ok(_)) => {}
         }
     }
 }
-
-const TICK: std::time::Duration = std::time::Duration::from_millis(100);
 
 #[cfg(test)]
 mod tests {
