@@ -137,11 +137,14 @@ bench "fanout, $S1 SSE subs, 1 job, 50/s" nchan fanout -s $S1 -r 50 -d $D "${nch
 bench "fanout, $S10 SSE subs, 1 job, 10/s" progressd fanout -s $S10 -r 10 -d $D --grace 20s "${progressd_args[@]}" --pid $sync_pid
 bench "fanout, $S10 SSE subs, 1 job, 10/s" nchan fanout -s $S10 -r 10 -d $D --grace 20s "${nchan_args[@]}"
 # With one parsing thread the generator is the bottleneck at 100,000 deliveries/s (our frames
-# carry the whole event, about five times Nchan's raw payload): the same with two.
+# carry the whole event, about five times Nchan's raw payload): the same with two. The resume
+# storm too (a million replayed events to parse).
 bench "fanout, $S10 SSE subs, 1 job, 10/s, 2 generator threads" progressd fanout -s $S10 -r 10 -d $D --grace 20s --threads 2 "${progressd_args[@]}" --pid $sync_pid
 bench "fanout, $S10 SSE subs, 1 job, 10/s, 2 generator threads" nchan fanout -s $S10 -r 10 -d $D --grace 20s --threads 2 "${nchan_args[@]}"
 bench "resume storm, $SR subs, 100 behind" progressd resume-storm -s $SR -j $JR -n 100 "${progressd_args[@]}"
 bench "resume storm, $SR subs, 100 behind" nchan resume-storm -s $SR -j $JR -n 100 "${nchan_args[@]}"
+bench "resume storm, $SR subs, 100 behind, 2 generator threads" progressd resume-storm -s $SR -j $JR -n 100 --threads 2 "${progressd_args[@]}"
+bench "resume storm, $SR subs, 100 behind, 2 generator threads" nchan resume-storm -s $SR -j $JR -n 100 --threads 2 "${nchan_args[@]}"
 bench "startup, $E events over $J jobs" progressd startup -e $E -j $J --data-dir "$work/startup"
 
 python3 - "$results" "$out" "$date_tag" "$quick" <<'EOF'
