@@ -10,6 +10,11 @@ use thiserror::Error;
 
 use crate::listen::ListenAddr;
 use crate::model::MAX_BATCH;
+
+/// The largest `--max-body`. One request's events are stored as one value, and the store
+/// reads no record over 16 MiB (`store::codec`): a request of 8 MiB, with the few bytes each
+/// event adds, stays well under it.
+pub const MAX_BODY_LIMIT: usize = 8 << 20;
 use crate::store::Faults;
 
 #[derive(Debug, Parser)]
@@ -141,7 +146,7 @@ pub struct ServeArgs {
     /// Largest serialized `data` of one update, in bytes.
     #[arg(long, env = "PROGRESSD_MAX_DATA", default_value_t = 16 * 1024)]
     pub max_data: usize,
-    /// Largest request body, in bytes (chunked bodies included).
+    /// Largest request body, in bytes (chunked bodies included): 1 KiB to 8 MiB.
     #[arg(long, env = "PROGRESSD_MAX_BODY", default_value_t = 64 * 1024)]
     pub max_body: usize,
     /// Open connections beyond which new ones get 503 and are closed.
@@ -209,7 +214,7 @@ pub enum ConfigError {
     History,
     #[error("--{0} must be longer than zero")]
     ZeroDuration(&'static str),
-    #[error("--max-body must be at least 1024 bytes")]
+    #[error("--max-body must be between 1024 and {MAX_BODY_LIMIT} bytes")]
     MaxBody,
     #[error("--jwt-secret-file {path}: {reason}")]
     JwtSecret { path: String, reason: String },
@@ -307,7 +312,7 @@ impl TryFrom<ServeArgs> for Config {
                 return Err(ConfigError::ZeroDuration(name));
             }
         }
-        if a.max_body < 1024 {
+        if !(1024..=MAX_BODY_LIMIT).contains(&a.max_body) {
             return Err(ConfigError::MaxBody);
         }
         let data_dir = data_dir(a.data_dir);
@@ -416,5 +421,9 @@ mod tests {
             .unwrap_err()
             .contains("host:port"));
         assert!(parse(&["--keepalive", "soon"]).is_err());
+        assert!(parse(&["--max-body", "8388608"]).is_ok());
+        assert!(parse(&["--max-body", "8388609"])
+            .unwrap_err()
+            .contains("--max-body"));
     }
 }

@@ -846,9 +846,11 @@ pub mod codec {
     use super::{Expiry, RunHead, StoreError};
     use crate::model::{Change, Event};
 
-    /// No record comes near this (data ≤ 16 KiB, message ≤ 4 KiB); a length prefix that
-    /// claims more is damage, and must not become an allocation of that size.
-    const MAX_RECORD: usize = 1 << 20;
+    /// The largest record is a run: one request's events, at most `--max-body` (≤ 8 MiB,
+    /// `config::MAX_BODY_LIMIT`) and a few bytes per event. A length prefix that claims more
+    /// is damage, and must not become an allocation of that size; and nothing larger is ever
+    /// written, since it could not be read back.
+    pub const MAX_RECORD: usize = 16 << 20;
 
     // bincode 2 with its standard (varint) configuration; pinned in Cargo.toml because the
     // encoding is our on-disk format. The limit changes no byte of the format.
@@ -856,11 +858,20 @@ pub mod codec {
         bincode::config::standard().with_limit::<MAX_RECORD>()
     }
 
+    /// Encodes a record; refuses one larger than [`MAX_RECORD`], which decoding would refuse.
     pub fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
-        bincode::serde::encode_to_vec(value, config()).map_err(|e| StoreError::Encode {
-            what,
-            detail: e.to_string(),
-        })
+        let bytes =
+            bincode::serde::encode_to_vec(value, config()).map_err(|e| StoreError::Encode {
+                what,
+                detail: e.to_string(),
+            })?;
+        if bytes.len() > MAX_RECORD {
+            return Err(StoreError::Encode {
+                what,
+                detail: format!("{} bytes, over the limit of {MAX_RECORD}", bytes.len()),
+            });
+        }
+        Ok(bytes)
     }
 
     pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
@@ -1179,6 +1190,28 @@ mod tests {
             seqs(&store.events_after(1, 0, 100).unwrap()),
             vec![6, 7, 8, 9]
         );
+    }
+
+    /// A run too large to be read back is refused when written, not stored unreadable.
+    #[test]
+    fn a_run_over_the_record_limit_is_refused() {
+        let mut big = event("a", 1, 1);
+        big.change.message = Some("m".repeat(codec::MAX_RECORD));
+        let err = codec::encode_run(&[big]).unwrap_err();
+        assert!(
+            matches!(err, StoreError::Encode { what: "run", .. }),
+            "{err}"
+        );
+        // The largest request the configuration allows fits, with room to spare.
+        let events: Vec<Event> = (1..=1000u64)
+            .map(|seq| {
+                let mut e = event("a", seq, seq);
+                e.change.message = Some("m".repeat(crate::config::MAX_BODY_LIMIT / 1000));
+                e
+            })
+            .collect();
+        let run = codec::encode_run(&events).unwrap();
+        assert_eq!(codec::decode_run(&run).unwrap().len(), 1000);
     }
 
     /// A store written with one key per event (progressd before runs) is converted on open

@@ -116,6 +116,32 @@ async fn rejected_batches_store_nothing() {
     d.stop().await;
 }
 
+/// A batch is stored as one value. The largest the limits allow (1,000 updates with 4 KiB
+/// messages, about 4 MiB) is read back whole, by history and by a stream, also after a
+/// restart (it was once stored past the store's read limit and could not be read back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_batch_is_stored_and_read_back() {
+    let d = Daemon::with(|c| c.max_body = 8 << 20).await;
+    let message = "m".repeat(4096);
+    let batch: Vec<Value> = (1..=1000)
+        .map(|i| json!({"current": i, "total": 1000, "message": message}))
+        .collect();
+    assert_eq!(d.publish_ok("big", Value::Array(batch)).await, 1000);
+    let dir = d.stop().await.unwrap();
+    let d = Daemon::on(&dir.path().join("data"), |c| c.max_body = 8 << 20).await;
+    let events = d.history("big").await;
+    assert_eq!(events.len(), 1000);
+    assert_eq!(events[999]["current"], 1000);
+    assert_eq!(events[999]["message"].as_str().map(str::len), Some(4096));
+    let (_, mut sse) = d.sse("/v1/jobs/big/stream", Some("998")).await;
+    let ev = sse.expect().await;
+    assert_eq!(
+        (ev.event.as_str(), ev.data["seq"].as_u64()),
+        ("progress", Some(999))
+    );
+    d.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_bodies_get_the_contract_errors() {
     let d = Daemon::with(|c| c.max_body = 8192).await;
