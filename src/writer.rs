@@ -672,7 +672,18 @@ impl<'a> Staged<'a> {
         let Some(rec) = self.job(job)? else {
             return Ok(false);
         };
-        while let Some(run) = self.oldest_run(rec.num, 0)? {
+        // Its runs staged in this drain are forgotten, its stored ones dropped: one read of
+        // their heads.
+        let staged: Vec<(u64, u64)> = self
+            .runs
+            .range((rec.num, 0)..=(rec.num, u64::MAX))
+            .filter(|(_, change)| matches!(change, RunChange::Put(_)))
+            .map(|(key, _)| *key)
+            .collect();
+        for key in staged {
+            self.runs.remove(&key);
+        }
+        for run in self.store.run_heads(rec.num, 0, usize::MAX)? {
             self.drop_run(rec.num, run);
         }
         let retained = (rec.seq + 1).saturating_sub(rec.first_seq);
