@@ -28,6 +28,19 @@ use crate::writer::{WriteError, Writer};
 
 pub const VERSION: u64 = 1;
 
+/// An imported run is no larger than one publish may make: `MAX_BATCH` events, and about
+/// `--max-body` at most (the store reads no record over twice that).
+const RUN_EVENTS: usize = crate::model::MAX_BATCH;
+const RUN_BYTES: usize = crate::config::MAX_BODY_LIMIT;
+
+/// Roughly what an event adds to a stored run: its texts and a few dozen bytes of numbers.
+fn event_size(e: &Event) -> usize {
+    let c = &e.change;
+    64 + c.stage.as_ref().map_or(0, String::len)
+        + c.message.as_ref().map_or(0, String::len)
+        + c.data.as_ref().map_or(0, |d| d.get().len())
+}
+
 #[derive(Debug, Error)]
 pub enum BackupError {
     #[error(transparent)]
@@ -187,9 +200,12 @@ pub fn import(
     let ttl = finished_ttl.as_millis() as u64;
     let mut heads = Heads::default();
     let mut batch = Mutation::default();
-    // The job being read, and its run of events so far (consecutive seqs and offsets).
+    // The job being read, its last seq so far, and its run of events so far (consecutive
+    // seqs and offsets, no larger than a publish could make: see `RUN_EVENTS`, `RUN_BYTES`).
     let mut current: Option<(String, JobRecord)> = None;
+    let mut last_seq = 0u64;
     let mut run: Vec<Event> = Vec::new();
+    let mut run_bytes = 0usize;
     let mut batched = 0usize;
     let end_run = |batch: &mut Mutation, run: &mut Vec<Event>, num: u64| {
         if let Some(first) = run.first() {
@@ -243,6 +259,7 @@ pub fn import(
                     end_run(&mut batch, &mut run, rec.num);
                 }
                 flush_job(&mut batch, &mut current);
+                last_seq = 0;
                 heads.num += 1;
                 heads.jobs += 1;
                 let rec = JobRecord {
@@ -275,8 +292,7 @@ pub fn import(
                 let Some((job, rec)) = current.as_mut() else {
                     return Err(bad("an event before any job".into()));
                 };
-                let after = run.last().map_or(0, |last| last.seq);
-                if e.job != *job || e.seq < rec.first_seq || e.seq > rec.seq || e.seq <= after {
+                if e.job != *job || e.seq < rec.first_seq || e.seq > rec.seq || e.seq <= last_seq {
                     return Err(bad(format!(
                         "event {} of {} does not belong to job {job}, or is out of order",
                         e.seq, e.job
@@ -300,13 +316,21 @@ pub fn import(
                         data: e.data,
                     },
                 };
-                // A run holds consecutive seqs and offsets; anything else starts a new one.
-                let continues = run
-                    .last()
-                    .is_some_and(|l| l.seq + 1 == event.seq && l.offset + 1 == event.offset);
+                last_seq = event.seq;
+                // A run holds consecutive seqs and offsets; anything else starts a new one,
+                // and so does a run as large as one publish may be.
+                let size = event_size(&event);
+                let continues = run.last().is_some_and(|l| {
+                    l.seq + 1 == event.seq
+                        && l.offset + 1 == event.offset
+                        && run.len() < RUN_EVENTS
+                        && run_bytes + size <= RUN_BYTES
+                });
                 if !continues {
                     end_run(&mut batch, &mut run, rec.num);
+                    run_bytes = 0;
                 }
+                run_bytes += size;
                 run.push(event);
                 batched += 1;
             }

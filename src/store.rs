@@ -326,9 +326,9 @@ impl Store {
             idem: tree("idem")?,
             db,
         };
-        store.upgrade_layout()?;
         // sled recovers what it can read and carries on; a store that comes back behind
-        // where it had durably been has lost data, and serving it would hide that.
+        // where it had durably been has lost data, and serving it would hide that. (Checked
+        // before any conversion: a damaged store is kept as it was found.)
         let found = store.heads()?.offset;
         if let Some(expected) = store.marker.read().filter(|m| *m > found) {
             return Err(StoreError::Damaged {
@@ -338,11 +338,13 @@ impl Store {
                 found,
             });
         }
+        store.upgrade_layout()?;
         Ok(store)
     }
 
     /// Records the layout in a new store; converts a store of an earlier layout (one key per
-    /// event) to runs of one event, in one transaction: a crash leaves it as it was.
+    /// event) to runs of one event, in one transaction: a crash leaves it as it was. The
+    /// transaction holds the converted store in memory once, as large as the store's events.
     fn upgrade_layout(&self) -> Result<(), StoreError> {
         let layout = self
             .meta
@@ -585,55 +587,73 @@ impl Store {
     /// Up to `limit` offsets of the log after `after`, in order, with the events of the jobs
     /// `wanted` keeps (each run read once, however many of its events are taken).
     ///
-    /// An offset with no entry was dropped by retention (or is an expired tombstone); so is
-    /// a run whose events were dropped between reading its log record and reading it.
+    /// An offset with no entry was dropped by retention (or is an expired tombstone).
     pub fn log_after(
         &self,
         after: u64,
         limit: usize,
         wanted: &dyn Fn(&str) -> bool,
     ) -> Result<Vec<(u64, Logged)>, StoreError> {
-        let from = after.saturating_add(1);
-        // The run holding `from` may start before it.
-        let start = match self
-            .log
-            .range(..=codec::u64_key(from))
-            .next_back()
-            .transpose()
-            .map_err(StoreError::sled("read log"))?
-        {
-            Some((key, _)) => codec::u64_from(&key),
-            None => from,
-        };
         let mut out = Vec::new();
-        for item in self.log.range(codec::u64_key(start)..) {
-            if out.len() >= limit {
-                break;
-            }
-            let (key, value) = item.map_err(StoreError::sled("read log"))?;
-            let first = codec::u64_from(&key);
-            let room = limit - out.len();
-            match codec::decode("log record", &value)? {
-                LogRecord::Removed { job, num } => {
-                    if first >= from {
-                        let entry = if wanted(&job) {
-                            Logged::Removed { job, num }
-                        } else {
-                            Logged::Elsewhere
-                        };
-                        out.push((first, entry));
-                    }
+        let mut from = after.saturating_add(1);
+        // A run missing when its record is read moved since (a trim stored it again from its
+        // cut, under a new record) or was dropped. sled's iterator walks a copy of the leaf it
+        // last read, which shows neither, so read the log again from there with a fresh one.
+        // The same record read twice with its run missing is damage: skipped, a hole.
+        let mut missing = None;
+        'read: loop {
+            // The run holding `from` may start before it.
+            let start = match self
+                .log
+                .range(..=codec::u64_key(from))
+                .next_back()
+                .transpose()
+                .map_err(StoreError::sled("read log"))?
+            {
+                Some((key, _)) => codec::u64_from(&key),
+                None => from,
+            };
+            for item in self.log.range(codec::u64_key(start)..) {
+                if out.len() >= limit {
+                    break 'read;
                 }
-                LogRecord::Run {
-                    job,
-                    num,
-                    first_seq,
-                    count,
-                } => {
-                    let offsets = first.max(from)..first.saturating_add(count);
-                    if !wanted(&job) {
-                        out.extend(offsets.take(room).map(|o| (o, Logged::Elsewhere)));
-                    } else if let Some(events) = self.run(num, first_seq)? {
+                let (key, value) = item.map_err(StoreError::sled("read log"))?;
+                let first = codec::u64_from(&key);
+                let room = limit - out.len();
+                match codec::decode("log record", &value)? {
+                    LogRecord::Removed { job, num } => {
+                        if first >= from {
+                            let entry = if wanted(&job) {
+                                Logged::Removed { job, num }
+                            } else {
+                                Logged::Elsewhere
+                            };
+                            out.push((first, entry));
+                        }
+                    }
+                    LogRecord::Run {
+                        job,
+                        num,
+                        first_seq,
+                        count,
+                    } => {
+                        let offsets = first.max(from)..first.saturating_add(count);
+                        if offsets.is_empty() {
+                            continue;
+                        }
+                        if !wanted(&job) {
+                            out.extend(offsets.take(room).map(|o| (o, Logged::Elsewhere)));
+                            continue;
+                        }
+                        let Some(events) = self.run(num, first_seq)? else {
+                            if missing.replace((first, num, first_seq))
+                                != Some((first, num, first_seq))
+                            {
+                                from = offsets.start;
+                                continue 'read;
+                            }
+                            continue;
+                        };
                         out.extend(
                             events
                                 .into_iter()
@@ -644,6 +664,7 @@ impl Store {
                     }
                 }
             }
+            break;
         }
         Ok(out)
     }
@@ -1190,6 +1211,21 @@ mod tests {
             seqs(&store.events_after(1, 0, 100).unwrap()),
             vec![6, 7, 8, 9]
         );
+    }
+
+    /// A log record whose run is missing (damage) is read past, not read forever.
+    #[test]
+    fn a_log_record_without_its_run_is_a_hole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20, Faults::default()).unwrap();
+        let mut m = Mutation::default();
+        m.runs.push(run("a", 1, 1..=2, 1));
+        m.runs.push(run("a", 1, 3..=4, 3));
+        m.runs.push(run("a", 1, 5..=5, 5));
+        store.commit(&m).unwrap();
+        store.events.remove(codec::event_key(1, 3)).unwrap();
+        assert_eq!(log_offsets(&store, 0), vec![1, 2, 5]);
+        assert_eq!(log_offsets(&store, 3), vec![5]);
     }
 
     /// A run too large to be read back is refused when written, not stored unreadable.

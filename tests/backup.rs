@@ -111,3 +111,60 @@ async fn export_then_import_reproduces_every_job_snapshot_and_event() {
     assert_eq!(sse.expect().await.id, "11");
     r.stop().await;
 }
+
+/// An import joins consecutive events into runs, but none larger than one publish could
+/// make: a job of 5,000 events with 4 KiB messages (20 MiB, over the store's record limit as
+/// one run) imports and reads back whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_job_imports_in_runs_a_publish_could_make() {
+    // A real export of one event is the template for the long one.
+    let d = Daemon::start().await;
+    d.publish_ok("long", json!({"current": 1, "message": "m"}))
+        .await;
+    let work = tempfile::tempdir().unwrap();
+    let one = work.path().join("one.jsonl");
+    let (base, one_arg) = (d.base.clone(), one.to_str().unwrap().to_owned());
+    let out = tokio::task::spawn_blocking(move || {
+        progressd(&["export", "--url", &base, "--output", &one_arg], None)
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success());
+    d.stop().await;
+    let lines: Vec<Value> = std::fs::read_to_string(&one)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let of = |kind: &str| lines.iter().find(|l| l["type"] == kind).unwrap().clone();
+    let (mut header, mut job, event) = (of("header"), of("job"), of("event"));
+    let total = 5000u64;
+    header["head"] = json!(total);
+    job["job"]["seq"] = json!(total);
+    let message = "m".repeat(4096);
+    let mut text = format!("{header}\n{job}\n");
+    for i in 1..=total {
+        let mut e = event.clone();
+        e["event"]["seq"] = json!(i);
+        e["event"]["offset"] = json!(i);
+        e["event"]["current"] = json!(i);
+        e["event"]["message"] = json!(message);
+        text.push_str(&format!("{e}\n"));
+    }
+    let long = work.path().join("long.jsonl");
+    std::fs::write(&long, text).unwrap();
+
+    let restored = work.path().join("restored");
+    let out = progressd(&["import", long.to_str().unwrap()], Some(&restored));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = Daemon::on(&restored, |c| c.history = total).await;
+    let events = r.history("long").await;
+    assert_eq!(events.len(), total as usize);
+    assert_eq!(events[4999]["current"], total);
+    assert_eq!(events[4999]["message"].as_str().map(str::len), Some(4096));
+    r.stop().await;
+}
