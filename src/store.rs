@@ -1101,6 +1101,22 @@ mod tests {
         ((num, *seqs.start()), RunChange::Put(events))
     }
 
+    /// A store in a temp dir (kept alive by the returned guard) holding `runs` and `removals`.
+    fn store_with(
+        runs: Vec<((u64, u64), RunChange)>,
+        removals: Vec<(u64, Option<(String, u64)>)>,
+    ) -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20, Faults::default()).unwrap();
+        let m = Mutation {
+            runs,
+            removals,
+            ..Mutation::default()
+        };
+        store.commit(&m).unwrap();
+        (dir, store)
+    }
+
     fn log_offsets(store: &Store, after: u64) -> Vec<u64> {
         let log = store.log_after(after, 100, &|_| true).unwrap();
         log.iter().map(|(offset, _)| *offset).collect()
@@ -1151,15 +1167,15 @@ mod tests {
     /// A run is one value, but every read starts and stops at any event inside it.
     #[test]
     fn reads_start_and_stop_inside_runs() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 1 << 20, Faults::default()).unwrap();
-        let mut m = Mutation::default();
         // Job a: seqs 1–5 at offsets 1–5, then 6–9 at offsets 8–11; job b: 1–2 at 6–7.
-        m.runs.push(run("a", 1, 1..=5, 1));
-        m.runs.push(run("b", 2, 1..=2, 6));
-        m.runs.push(run("a", 1, 6..=9, 8));
-        m.removals.push((12, Some(("c".into(), 3))));
-        store.commit(&m).unwrap();
+        let (_dir, store) = store_with(
+            vec![
+                run("a", 1, 1..=5, 1),
+                run("b", 2, 1..=2, 6),
+                run("a", 1, 6..=9, 8),
+            ],
+            vec![(12, Some(("c".into(), 3)))],
+        );
         assert_eq!(
             seqs(&store.events_after(1, 0, 100).unwrap()),
             (1..=9).collect::<Vec<_>>()
@@ -1216,13 +1232,14 @@ mod tests {
     /// A log record whose run is missing (damage) is read past, not read forever.
     #[test]
     fn a_log_record_without_its_run_is_a_hole() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 1 << 20, Faults::default()).unwrap();
-        let mut m = Mutation::default();
-        m.runs.push(run("a", 1, 1..=2, 1));
-        m.runs.push(run("a", 1, 3..=4, 3));
-        m.runs.push(run("a", 1, 5..=5, 5));
-        store.commit(&m).unwrap();
+        let (_dir, store) = store_with(
+            vec![
+                run("a", 1, 1..=2, 1),
+                run("a", 1, 3..=4, 3),
+                run("a", 1, 5..=5, 5),
+            ],
+            Vec::new(),
+        );
         store.events.remove(codec::event_key(1, 3)).unwrap();
         assert_eq!(log_offsets(&store, 0), vec![1, 2, 5]);
         assert_eq!(log_offsets(&store, 3), vec![5]);

@@ -10,6 +10,16 @@ use common::{step, Api, Daemon};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
+/// `progressd import FILE --data-dir DIR`, which must succeed.
+fn import(file: &Path, dir: &Path) {
+    let out = progressd(&["import", file.to_str().unwrap()], Some(dir));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn progressd(args: &[&str], dir: Option<&Path>) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_progressd"));
     cmd.args(args);
@@ -73,12 +83,7 @@ async fn export_then_import_reproduces_every_job_snapshot_and_event() {
     d.stop().await;
 
     let restored = work.path().join("restored");
-    let out = progressd(&["import", file.to_str().unwrap()], Some(&restored));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    import(&file, &restored);
     // Never into a store that holds jobs.
     let again = progressd(&["import", file.to_str().unwrap()], Some(&restored));
     assert!(!again.status.success());
@@ -155,12 +160,7 @@ async fn a_long_job_imports_in_runs_a_publish_could_make() {
     std::fs::write(&long, text).unwrap();
 
     let restored = work.path().join("restored");
-    let out = progressd(&["import", long.to_str().unwrap()], Some(&restored));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    import(&long, &restored);
     let r = Daemon::on(&restored, |c| c.history = total).await;
     let events = r.history("long").await;
     assert_eq!(events.len(), total as usize);
