@@ -141,9 +141,9 @@ bench "fanout, $S10 SSE subs, 1 job, 10/s" nchan fanout -s $S10 -r 10 -d $D --gr
 # storm too (a million replayed events to parse).
 bench "fanout, $S10 SSE subs, 1 job, 10/s, 2 generator threads" progressd fanout -s $S10 -r 10 -d $D --grace 20s --threads 2 "${progressd_args[@]}" --pid $sync_pid
 bench "fanout, $S10 SSE subs, 1 job, 10/s, 2 generator threads" nchan fanout -s $S10 -r 10 -d $D --grace 20s --threads 2 "${nchan_args[@]}"
-bench "resume storm, $SR subs, 100 behind" progressd resume-storm -s $SR -j $JR -n 100 "${progressd_args[@]}"
+bench "resume storm, $SR subs, 100 behind" progressd resume-storm -s $SR -j $JR -n 100 "${progressd_args[@]}" --pid $sync_pid
 bench "resume storm, $SR subs, 100 behind" nchan resume-storm -s $SR -j $JR -n 100 "${nchan_args[@]}"
-bench "resume storm, $SR subs, 100 behind, 2 generator threads" progressd resume-storm -s $SR -j $JR -n 100 --threads 2 "${progressd_args[@]}"
+bench "resume storm, $SR subs, 100 behind, 2 generator threads" progressd resume-storm -s $SR -j $JR -n 100 --threads 2 "${progressd_args[@]}" --pid $sync_pid
 bench "resume storm, $SR subs, 100 behind, 2 generator threads" nchan resume-storm -s $SR -j $JR -n 100 --threads 2 "${nchan_args[@]}"
 bench "startup, $E events over $J jobs" progressd startup -e $E -j $J --data-dir "$work/startup"
 
@@ -160,7 +160,8 @@ wanted = {
                ("server_cpu_ms_per_1000_deliveries", "server CPU ms / 1000 deliveries", False)],
     "idle": [("server_rss_per_connection_kib", "server RSS KiB / connection", False), ("open", "open", True)],
     "resume-storm": [("all_caught_up_ms", "all caught up ms", False), ("gaps", "gaps", False),
-                     ("duplicates", "duplicates", False), ("resets", "resets", False)],
+                     ("duplicates", "duplicates", False), ("resets", "resets", False),
+                     ("server_cpu_s", "server CPU s during the storm", False)],
     "startup": [("ready_ms", "ready ms", False), ("rss_at_ready_kib", "RSS at ready KiB", False),
                 ("disk_bytes", "disk bytes", False)],
 }

@@ -85,10 +85,10 @@ pub fn run(b: ResumeBench) -> Result<Report, String> {
                 .buffer_unordered(b.subscribers.max(1))
                 .collect::<Vec<Outcome>>();
             if thread == 0 {
-                let (subs, errors) = tokio::join!(subs, publisher(b, run, &clients[0], shared));
-                (subs, errors)
+                let (subs, tally) = tokio::join!(subs, publisher(b, run, &clients[0], shared));
+                (subs, tally)
             } else {
-                (subs.await, 0)
+                (subs.await, StormTally::default())
             }
         }
     })?;
@@ -96,9 +96,11 @@ pub fn run(b: ResumeBench) -> Result<Report, String> {
     let mut times = Samples::default();
     let mut missing = 0;
     let mut publish_errors = 0;
+    let mut storm_cpu = None;
     let mut errors = 0;
-    for (outcomes, pe) in results {
-        publish_errors += pe;
+    for (outcomes, tally) in results {
+        publish_errors += tally.errors;
+        storm_cpu = storm_cpu.or(tally.server_cpu);
         for o in outcomes {
             all.duplicates += o.seen.duplicates;
             all.out_of_order += o.seen.out_of_order;
@@ -140,6 +142,13 @@ pub fn run(b: ResumeBench) -> Result<Report, String> {
             ("resets", json!(all.resets)),
             ("stream_errors", json!(errors)),
             ("publish_errors", json!(publish_errors)),
+            // The daemon's CPU from the storm's start until all caught up (with --pid): what
+            // the storm costs the server alone, whatever the generator's share of the cores.
+            ("server_cpu_s", json!(storm_cpu.map(|d| d.as_secs_f64()))),
+            (
+                "server_cpu_ms_per_1000_deliveries",
+                json!(storm_cpu.map(|d| d.as_secs_f64() * 1e6 / all.delivered.max(1) as f64)),
+            ),
         ],
         correct,
     })
@@ -196,9 +205,21 @@ async fn subscriber(
     Outcome { seen, caught_up_us }
 }
 
+/// What the publisher saw: its failed publishes, and the server's CPU time during the storm.
+#[derive(Default)]
+struct StormTally {
+    errors: u64,
+    server_cpu: Option<Duration>,
+}
+
 /// Publishes the first event per job, then `behind` more while everyone is away, then keeps
 /// publishing at `rate` through the storm until all caught up (or gave up).
-async fn publisher(b: &ResumeBench, run: &str, client: &reqwest::Client, shared: &Shared) -> u64 {
+async fn publisher(
+    b: &ResumeBench,
+    run: &str,
+    client: &reqwest::Client,
+    shared: &Shared,
+) -> StormTally {
     let jobs = b.jobs.max(1);
     let urls: Vec<String> = (0..jobs)
         .map(|j| b.target.publish_url(&b.target.job(run, j)))
@@ -249,6 +270,7 @@ async fn publisher(b: &ResumeBench, run: &str, client: &reqwest::Client, shared:
             Ordering::Release,
         );
     }
+    let cpu_before = b.target.server_cpu();
     shared.storm_at_us.store(now_us(), Ordering::Release);
     shared.storm.store(true, Ordering::Release);
     shared.moment.raise();
@@ -263,8 +285,12 @@ async fn publisher(b: &ResumeBench, run: &str, client: &reqwest::Client, shared:
         errors += u64::from(!publish((k % jobs as u64) as usize, 1).await);
         k += 1;
     }
+    let server_cpu = match (cpu_before, b.target.server_cpu()) {
+        (Some(a), Some(z)) => Some(z.saturating_sub(a)),
+        _ => None,
+    };
     // Whoever has not caught up by now gives up.
     shared.over.store(true, Ordering::Release);
     shared.moment.raise();
-    errors
+    StormTally { errors, server_cpu }
 }
