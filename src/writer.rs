@@ -589,12 +589,13 @@ impl<'a> Staged<'a> {
             let kept = (run.first_seq + run.count).saturating_sub(last_dropped + 1);
             let dropped = run.count - kept;
             if kept > 0 {
-                let mut events = self.run_events(rec.num, run)?;
+                let mut events = self.take_run(rec.num, run)?;
                 events.drain(..dropped as usize);
                 self.runs
                     .insert((rec.num, last_dropped + 1), RunChange::Put(events));
+            } else {
+                self.drop_run(rec.num, run);
             }
-            self.drop_run(rec.num, run);
             rec.dropped_offset = rec.dropped_offset.max(run.first_offset + dropped - 1);
             self.heads.events = self.heads.events.saturating_sub(dropped);
             rec.first_seq = run.first_seq + dropped;
@@ -641,14 +642,19 @@ impl<'a> Staged<'a> {
         })
     }
 
-    /// The events of a run `oldest_run` found.
-    fn run_events(&self, num: u64, run: RunHead) -> Result<Vec<Event>, StoreError> {
-        match self.runs.get(&(num, run.first_seq)) {
-            Some(RunChange::Put(events)) => Ok(events.clone()),
-            Some(RunChange::Drop { .. }) | None => {
-                Ok(self.store.run(num, run.first_seq)?.unwrap_or_default())
-            }
+    /// The events of a run `oldest_run` found, taken out of the drain's view: a staged run
+    /// is forgotten, a stored one read and dropped.
+    fn take_run(&mut self, num: u64, run: RunHead) -> Result<Vec<Event>, StoreError> {
+        if let Some(RunChange::Put(events)) = self.runs.remove(&(num, run.first_seq)) {
+            return Ok(events);
         }
+        self.drop_run(num, run);
+        self.store
+            .run(num, run.first_seq)?
+            .ok_or_else(|| StoreError::Decode {
+                what: "run",
+                detail: format!("run {num}/{} has a head but no events", run.first_seq),
+            })
     }
 
     /// Forgets a staged run, or drops a stored one.
