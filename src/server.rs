@@ -128,19 +128,23 @@ impl Server {
         }
         let open = Open(Arc::clone(&self.open));
         let service = TowerToHyperService::new(warp::service(self.routes.clone()));
-        let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            // What a connection may hold unsent (a client that stops reading) or unparsed:
-            // hyper's default is 400 KiB; a stream's frames are tiny and its backlog is in
-            // the store, not here.
-            .max_buf_size(MAX_BUF)
-            .header_read_timeout(self.header_timeout)
-            .serve_connection(TokioIo::new(io), service)
-            .with_upgrades();
+        // Boxed before the task captures it, so the task holds a pointer: an async block
+        // keeps what it captured beside what it awaits, which would hold the connection twice.
+        let conn = Box::pin(
+            http1::Builder::new()
+                .timer(TokioTimer::new())
+                // What a connection may hold unsent (a client that stops reading) or unparsed:
+                // hyper's default is 400 KiB; a stream's frames are tiny and its backlog is in
+                // the store, not here.
+                .max_buf_size(MAX_BUF)
+                .header_read_timeout(self.header_timeout)
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades(),
+        );
         let (metrics, stop) = (Arc::clone(&self.metrics), stop.clone());
         self.supervisor.spawn("connection", async move {
             let _open = open;
-            let mut conn = std::pin::pin!(conn);
+            let mut conn = conn;
             let result = tokio::select! {
                 r = conn.as_mut() => r,
                 () = stop.cancelled() => {

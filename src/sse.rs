@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{stream, Stream, StreamExt};
+use futures_util::{stream, FutureExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use warp::http::header::{CACHE_CONTROL, CONTENT_TYPE};
@@ -63,10 +63,9 @@ pub async fn job_stream(
     let (tx, rx) = mpsc::channel(BUFFER);
     let guard = state.src.metrics.subscriber(Transport::Sse);
     let (src, token) = (state.src.clone(), state.supervisor.token().clone());
-    state.supervisor.spawn("sse-job", async move {
-        let _guard = guard;
-        sub.run(src, tx, token).await
-    });
+    // A subscriber while its task runs. (Not an async block, which would hold `sub` twice.)
+    let run = sub.run(src, tx, token).inspect(move |_| drop(guard));
+    state.supervisor.spawn("sse-job", run);
     Ok(respond(&state, rx, Ids::Seq, &grant))
 }
 
@@ -84,10 +83,9 @@ pub async fn many_stream(
     let (tx, rx) = mpsc::channel(BUFFER);
     let guard = state.src.metrics.subscriber(Transport::Sse);
     let (src, token) = (state.src.clone(), state.supervisor.token().clone());
-    state.supervisor.spawn("sse-many", async move {
-        let _guard = guard;
-        sub.run(src, tx, token).await
-    });
+    // A subscriber while its task runs. (Not an async block, which would hold `sub` twice.)
+    let run = sub.run(src, tx, token).inspect(move |_| drop(guard));
+    state.supervisor.spawn("sse-many", run);
     Ok(respond(&state, rx, Ids::Offset, &grant))
 }
 

@@ -203,7 +203,7 @@ pub struct JobSubscription {
 impl JobSubscription {
     /// Delivers frames into `out` until the job ends, the subscriber leaves or `cancel` fires.
     pub async fn run(
-        self,
+        mut self,
         src: Source,
         out: mpsc::Sender<Frame>,
         cancel: CancellationToken,
@@ -221,51 +221,17 @@ impl JobSubscription {
         result
     }
 
-    async fn follow(mut self, src: &Source, out: Out<'_>) -> Result<(), SubscriptionError> {
+    async fn follow(&mut self, src: &Source, out: Out<'_>) -> Result<(), SubscriptionError> {
+        // The opening and each catch-up are boxed: an idle subscription's task then holds
+        // only what waiting on the stage needs. (Catch-up starts by waiting for room, so a
+        // client handed back for not reading holds no page of events read for it.)
+        let Some(mut pos) = Box::pin(self.open(src, &out)).await? else {
+            return Ok(());
+        };
         let job = self.job.as_str();
-        let mut pos = Position { last: 0, num: None };
-        let initial = self.initial.take();
-        if let Some(rec) = &initial {
-            src.writer.wait_visible(rec.last_offset).await?;
-        }
-        match (self.resume, initial) {
-            (None, Some(rec)) => {
-                pos = at(&rec, rec.seq);
-                if !out.send(Frame::snapshot(false, job, &rec)).await {
-                    return Ok(());
-                }
-                if rec.is_finished() {
-                    out.send(end(job, rec.status)).await;
-                    return Ok(());
-                }
-            }
-            // Not published yet: its events will be delivered from seq 1. (A resume point
-            // into a job that is gone was answered by `open_job`.)
-            (_, None) => {}
-            (Some(n), Some(rec)) if n > rec.seq || n + 1 < rec.first_seq => {
-                src.metrics.resets.fetch_add(1, Relaxed);
-                pos = at(&rec, rec.seq);
-                if !out.send(Frame::snapshot(true, job, &rec)).await {
-                    return Ok(());
-                }
-                if rec.is_finished() {
-                    out.send(end(job, rec.status)).await;
-                    return Ok(());
-                }
-            }
-            (Some(n), Some(rec)) => {
-                if rec.is_finished() && n >= rec.seq {
-                    out.send(end(job, rec.status)).await;
-                    return Ok(());
-                }
-                pos = at(&rec, n);
-            }
-        }
         // Replay from the store, then hand delivery to the hub's fan-out stage; whenever it
         // hands us back (a full channel, a gap) or will not take us yet, replay again from
-        // where we are. (Catch-up is boxed: an idle subscription's task then holds only what
-        // waiting needs. It starts by waiting for room, so a client handed back for not
-        // reading holds no page of events read for it.)
+        // where we are.
         loop {
             let ControlFlow::Continue(seen) = Box::pin(self.catch_up(src, &out, &mut pos)).await?
             else {
@@ -293,6 +259,56 @@ impl JobSubscription {
                 Err(_) => return Ok(()),
             }
         }
+    }
+
+    /// Where the subscription starts: after the snapshot it sent (a fresh subscribe, or a
+    /// `reset` when the resume point is not retained) or at the resume point. `None` when
+    /// nothing follows (the subscriber left, or the job had already ended).
+    async fn open(
+        &mut self,
+        src: &Source,
+        out: &Out<'_>,
+    ) -> Result<Option<Position>, SubscriptionError> {
+        let job = self.job.as_str();
+        let mut pos = Position { last: 0, num: None };
+        let initial = self.initial.take();
+        if let Some(rec) = &initial {
+            src.writer.wait_visible(rec.last_offset).await?;
+        }
+        match (self.resume, initial) {
+            (None, Some(rec)) => {
+                pos = at(&rec, rec.seq);
+                if !out.send(Frame::snapshot(false, job, &rec)).await {
+                    return Ok(None);
+                }
+                if rec.is_finished() {
+                    out.send(end(job, rec.status)).await;
+                    return Ok(None);
+                }
+            }
+            // Not published yet: its events will be delivered from seq 1. (A resume point
+            // into a job that is gone was answered by `open_job`.)
+            (_, None) => {}
+            (Some(n), Some(rec)) if n > rec.seq || n + 1 < rec.first_seq => {
+                src.metrics.resets.fetch_add(1, Relaxed);
+                pos = at(&rec, rec.seq);
+                if !out.send(Frame::snapshot(true, job, &rec)).await {
+                    return Ok(None);
+                }
+                if rec.is_finished() {
+                    out.send(end(job, rec.status)).await;
+                    return Ok(None);
+                }
+            }
+            (Some(n), Some(rec)) => {
+                if rec.is_finished() && n >= rec.seq {
+                    out.send(end(job, rec.status)).await;
+                    return Ok(None);
+                }
+                pos = at(&rec, n);
+            }
+        }
+        Ok(Some(pos))
     }
 
     /// Replays from the store everything visible after `pos`. Goes on with the visible
@@ -471,7 +487,7 @@ pub struct ManySubscription {
 
 impl ManySubscription {
     pub async fn run(
-        self,
+        mut self,
         src: Source,
         out: mpsc::Sender<Frame>,
         cancel: CancellationToken,
@@ -487,12 +503,13 @@ impl ManySubscription {
         result
     }
 
-    async fn follow(mut self, src: &Source, out: Out<'_>) -> Result<(), SubscriptionError> {
-        // `last` is the last offset accounted for: delivered, or known not to match.
+    async fn follow(&mut self, src: &Source, out: Out<'_>) -> Result<(), SubscriptionError> {
+        // `last` is the last offset accounted for: delivered, or known not to match. Resets
+        // and catch-ups are boxed: an idle subscription's task holds only what waiting needs.
         let mut last = self.now;
         match self.resume {
             Some(n) if n > src.writer.visible() || self.lost_after(src, n)? => {
-                last = self.reset(src, &out).await?;
+                last = Box::pin(self.reset(src, &out)).await?;
             }
             Some(n) => last = n,
             None => {
@@ -501,7 +518,7 @@ impl ManySubscription {
                 }
             }
         }
-        self.catch_up(src, &out, &mut last).await?;
+        Box::pin(self.catch_up(src, &out, &mut last)).await?;
         loop {
             match self.rx.recv().await {
                 Ok(notice) => {
@@ -511,7 +528,7 @@ impl ManySubscription {
                     if notice.offset() > last + 1 {
                         // Every offset passes through this channel, so a hole means we missed
                         // some: the store has them.
-                        self.catch_up(src, &out, &mut last).await?;
+                        Box::pin(self.catch_up(src, &out, &mut last)).await?;
                         if notice.offset() <= last {
                             continue;
                         }
@@ -530,7 +547,7 @@ impl ManySubscription {
                 }
                 Err(RecvError::Lagged(_)) => {
                     src.metrics.lag_catchups.fetch_add(1, Relaxed);
-                    self.catch_up(src, &out, &mut last).await?;
+                    Box::pin(self.catch_up(src, &out, &mut last)).await?;
                 }
                 Err(RecvError::Closed) => return Ok(()),
             }

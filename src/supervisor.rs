@@ -96,10 +96,8 @@ impl Supervisor {
         F: Future<Output = Result<(), E>> + Send + 'static,
         E: Display + Send + 'static,
     {
-        let watched = watch(name, Arc::clone(&self.metrics), fut);
-        self.tracker.spawn(async move {
-            watched.await;
-        });
+        self.tracker
+            .spawn(watch(name, Arc::clone(&self.metrics), fut));
     }
 
     /// Wraps a future that someone else spawns (warp's WebSocket upgrade) so that it is
@@ -113,10 +111,8 @@ impl Supervisor {
         F: Future<Output = Result<(), E>> + Send + 'static,
         E: Display + Send + 'static,
     {
-        let watched = watch(name, Arc::clone(&self.metrics), fut);
-        self.tracker.track_future(async move {
-            watched.await;
-        })
+        self.tracker
+            .track_future(watch(name, Arc::clone(&self.metrics), fut).map(|_| ()))
     }
 
     /// Runs a long-lived service: `make` builds one run of it; a run that fails is restarted
@@ -193,29 +189,39 @@ impl Supervisor {
 }
 
 /// Awaits `fut`, logging and counting an error or a panic under `name`. True on success.
-async fn watch<F, E>(name: &'static str, metrics: Arc<Metrics>, fut: F) -> bool
+///
+/// A combinator, not an `async fn`: an `async fn` keeps its argument and the future it
+/// awaits side by side, so every wrapper would double the task's allocation (a connection's
+/// task was 4x the size of the connection it serves).
+fn watch<F, E>(
+    name: &'static str,
+    metrics: Arc<Metrics>,
+    fut: F,
+) -> impl Future<Output = bool> + Send + 'static
 where
-    F: Future<Output = Result<(), E>>,
-    E: Display,
+    F: Future<Output = Result<(), E>> + Send + 'static,
+    E: Display + Send + 'static,
 {
-    match AssertUnwindSafe(fut).catch_unwind().await {
-        Ok(Ok(())) => true,
-        Ok(Err(e)) => {
-            error!(task = name, error = %e, "task failed");
-            metrics.task_failed(name);
-            false
-        }
-        Err(panic) => {
-            let msg = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "non-string panic payload".to_owned());
-            error!(task = name, panic = %msg, "task panicked");
-            metrics.task_failed(name);
-            false
-        }
-    }
+    AssertUnwindSafe(fut)
+        .catch_unwind()
+        .map(move |outcome| match outcome {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                error!(task = name, error = %e, "task failed");
+                metrics.task_failed(name);
+                false
+            }
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "non-string panic payload".to_owned());
+                error!(task = name, panic = %msg, "task panicked");
+                metrics.task_failed(name);
+                false
+            }
+        })
 }
 
 #[cfg(test)]
@@ -279,6 +285,26 @@ mod tests {
             ready: true,
         });
         assert!(rendered.contains("progressd_task_failures_total{task=\"doomed\"} 1"));
+    }
+
+    #[test]
+    fn watching_a_task_does_not_multiply_its_size() {
+        // Every connection and subscription is a task: a wrapper that kept the future twice
+        // (an async fn holds its argument beside the future it awaits) made each of them
+        // several times the size of what it runs.
+        let big = async {
+            let buf = [0u8; 4096];
+            std::future::ready(()).await;
+            std::hint::black_box(&buf);
+            Ok::<(), String>(())
+        };
+        let size = std::mem::size_of_val(&big);
+        let watched = watch("big", Arc::new(Metrics::default()), big);
+        assert!(
+            std::mem::size_of_val(&watched) <= size + 64,
+            "{} for a {size}-byte task",
+            std::mem::size_of_val(&watched)
+        );
     }
 
     #[tokio::test(start_paused = true)]
