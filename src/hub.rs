@@ -6,8 +6,8 @@
 //!
 //! - one channel carries every notice; multi-job streams each hold a receiver of it;
 //! - each job with live subscriptions has a channel of its own, read by the job's **fan-out
-//!   stage** (one supervised task, started by the first subscription and ended with the
-//!   last). The stage delivers each notice to the per-job subscriptions *attached* to it: one
+//!   stage** (one supervised task, started by the first subscription and ended [`LINGER`]
+//!   after the last one left, or at shutdown). The stage delivers each notice to the per-job subscriptions *attached* to it: one
 //!   `try_send` of a shared frame per subscriber, in slices with a yield between them. So a
 //!   fan-out to 10,000 subscribers wakes each connection once, never queues a publisher's
 //!   request behind all of them, and a busy job never delays another job's stage.
@@ -17,6 +17,10 @@
 //! channel, a gap, a lag of its own) and it catches up from the store again. Nothing ever
 //! blocks a publisher: the broadcast channel overwrites its oldest slot. Memory is bounded by
 //! the channel capacities, not by client speed.
+//!
+//! The stage keeps the job's latest events, rendered, and keeps taking them up for a while
+//! after its last subscriber left: clients that drop together and come back together (a
+//! network blip, a deploy of the front end) catch up from there, not each from the store.
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
@@ -25,9 +29,11 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, Notify};
+use tokio::time::Instant;
 
 use crate::model::{Event, Status};
 use crate::store::Store;
@@ -126,8 +132,11 @@ struct JobFan {
     /// Tells one life of the entry from the next (a stage only serves its own).
     id: u64,
     tx: broadcast::Sender<Notice>,
-    /// Subscriptions of this job (attached or not); the entry goes with the last one.
+    /// Subscriptions of this job (attached or not); the entry goes [`LINGER`] after the
+    /// last one left.
     watchers: usize,
+    /// Told when `watchers` drops to zero.
+    left: Arc<Notify>,
     attached: Vec<Attached>,
     /// Highest offset published before the entry existed: the stage never sees those, so a
     /// subscription must have read the store at least this far before it attaches.
@@ -192,6 +201,9 @@ pub enum Attach {
 const SLICE: usize = if cfg!(test) { 2 } else { 128 };
 /// Notices a stage takes up in one pass, at most.
 const BATCH: usize = 64;
+/// How long a job's stage and its recent events outlive the job's last subscriber. Longer
+/// than clients take to reconnect (EventSource's `retry`, a WebSocket client's backoff).
+pub const LINGER: Duration = Duration::from_secs(30);
 /// Frames a subscriber's channel holds: a few passes, so a burst of events that its
 /// connection has not yet written out does not hand it back to catch up.
 pub const OUTBOX: usize = 4 * BATCH;
@@ -230,6 +242,7 @@ impl Hub {
         let id = self.next_id.fetch_add(1, Relaxed);
         let mut jobs = self.lock();
         match jobs.get_mut(job) {
+            // (Maybe lingering, with no watcher.)
             Some(fan) => fan.watchers += 1,
             None => {
                 let (tx, rx) = broadcast::channel(self.job_capacity);
@@ -238,6 +251,7 @@ impl Hub {
                     id,
                     tx,
                     watchers: 1,
+                    left: Arc::new(Notify::new()),
                     attached: Vec::new(),
                     born: self.published.load(Relaxed),
                     taken: 0,
@@ -246,8 +260,9 @@ impl Hub {
                     stage_last: None,
                     recent: VecDeque::new(),
                 };
+                let left = Arc::clone(&fan.left);
                 jobs.insert(Arc::clone(&job), fan);
-                let stage = Arc::clone(self).stage(job, id, rx);
+                let stage = Arc::clone(self).stage(job, id, rx, left);
                 self.supervisor.spawn("fanout", stage);
             }
         }
@@ -287,26 +302,66 @@ impl Hub {
 
     /// Number of jobs with at least one live subscriber.
     pub fn watched_jobs(&self) -> usize {
-        self.lock().len()
+        self.lock().values().filter(|f| f.watchers > 0).count()
+    }
+
+    /// Removes the job's entry if it is still `id`'s and nobody watches it. True if so (or
+    /// if it is gone already): the stage ends.
+    fn retire(&self, job: &str, id: u64) -> bool {
+        let mut jobs = self.lock();
+        match jobs.get(job) {
+            Some(fan) if fan.id == id && fan.watchers == 0 => {
+                jobs.remove(job);
+                true
+            }
+            Some(fan) => fan.id != id,
+            None => true,
+        }
     }
 
     /// A job's fan-out stage: takes up the job's queued notices and delivers them to the
     /// attached subscriptions, one `try_send` of a shared frame each, `SLICE` subscriptions
     /// at a time. Whatever is queued goes out in one pass, so a burst wakes each connection
     /// once. A subscription whose channel is full is handed back to catch up from the store,
-    /// so a slow client never holds up the others. Ends with the job's entry (its last
-    /// watcher).
+    /// so a slow client never holds up the others. Ends [`LINGER`] after its last watcher
+    /// left (meanwhile it keeps taking up the job's events, for those who come back), or at
+    /// shutdown once nobody watches.
     async fn stage(
         self: Arc<Self>,
         job: Arc<str>,
         id: u64,
         mut rx: broadcast::Receiver<Notice>,
+        left: Arc<Notify>,
     ) -> Result<(), Infallible> {
         use broadcast::error::{RecvError, TryRecvError};
+        let stop = self.supervisor.token().clone();
         let mut batch = Vec::with_capacity(BATCH);
         let mut backs = Vec::new();
+        let linger = tokio::time::sleep(LINGER);
+        tokio::pin!(linger);
+        let mut lingering = false;
         loop {
-            match rx.recv().await {
+            // Shutting down: no lingering.
+            if stop.is_cancelled() && self.retire(&job, id) {
+                return Ok(());
+            }
+            let next = tokio::select! {
+                r = rx.recv() => r,
+                () = left.notified() => {
+                    linger.as_mut().reset(Instant::now() + LINGER);
+                    lingering = true;
+                    continue;
+                }
+                () = &mut linger, if lingering => {
+                    lingering = false;
+                    if self.retire(&job, id) {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                () = stop.cancelled(), if !stop.is_cancelled() => continue,
+            };
+            match next {
                 Ok(n) => batch.push(n),
                 Err(RecvError::Lagged(_)) => {
                     self.refill(&job, id, &mut backs).await;
@@ -339,10 +394,11 @@ impl Hub {
     /// cannot (the job was removed or re-created, retention dropped them, the store
     /// refused), they are handed back to catch up by themselves.
     async fn refill(&self, job: &str, id: u64, backs: &mut Backs) {
+        // Nobody attached (it lingers): not worth reading the store for; forgetting is.
         let from = self
             .lock()
             .get(job)
-            .filter(|f| f.id == id)
+            .filter(|f| f.id == id && !f.attached.is_empty())
             .and_then(|f| f.stage_last);
         let (Some((store, writer)), Some((num, mut seq))) = (self.replay.get(), from) else {
             return self.lost(job, id, backs);
@@ -573,7 +629,7 @@ fn step(a: &mut Attached, notice: &Notice) -> Step {
     }
 }
 
-/// A subscription's hold on one job's fan-out entry; the entry goes with the last one, and
+/// A subscription's hold on one job's fan-out entry (which lingers after the last one), and
 /// dropping it detaches the subscription (so its channel closes with it).
 pub struct JobWatch {
     id: u64,
@@ -679,7 +735,8 @@ impl Drop for JobWatch {
         }
         fan.watchers -= 1;
         if fan.watchers == 0 {
-            jobs.remove(&*self.job);
+            // The stage lingers, then removes the entry.
+            fan.left.notify_one();
         }
     }
 }
@@ -714,8 +771,15 @@ mod tests {
         last: 0,
     };
 
-    #[tokio::test]
-    async fn entries_live_as_long_as_their_watchers() {
+    /// Yields until the stages have done what `done` waits for.
+    async fn until(hub: &Hub, done: impl Fn(&HashMap<Arc<str>, JobFan>) -> bool) {
+        while !done(&hub.lock()) {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_entry_lingers_after_its_last_watcher_then_goes() {
         let hub = hub(4);
         let a = hub.watch_job("a");
         let b = hub.watch_job("a");
@@ -724,6 +788,32 @@ mod tests {
         assert_eq!(hub.watched_jobs(), 1);
         drop(a);
         assert_eq!(hub.watched_jobs(), 0);
+        // Still taking up the job's events, for whoever comes back.
+        hub.publish(&[event("a", 1), event("a", 2)]);
+        until(&hub, |jobs| jobs.get("a").is_some_and(|f| f.taken == 2)).await;
+        tokio::time::sleep(LINGER / 2).await;
+        let back = hub.watch_job("a");
+        let recent = back.recent_after(START, 10).expect("kept while lingering");
+        assert_eq!(
+            recent.events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [1, 2]
+        );
+        assert_eq!(recent.upto, 2);
+        drop(back);
+        // Its own linger counts from the last watcher leaving, not the first.
+        tokio::time::sleep(LINGER / 2 + Duration::from_secs(1)).await;
+        assert!(hub.lock().contains_key("a"));
+        tokio::time::sleep(LINGER / 2).await;
+        until(&hub, |jobs| !jobs.contains_key("a")).await;
+    }
+
+    #[tokio::test]
+    async fn a_lingering_stage_ends_at_shutdown() {
+        let hub = hub(4);
+        drop(hub.watch_job("a"));
+        hub.supervisor.token().cancel();
+        until(&hub, |jobs| !jobs.contains_key("a")).await;
+        assert!(hub.supervisor.shutdown(Duration::from_secs(1)).await);
     }
 
     #[tokio::test]

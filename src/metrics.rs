@@ -207,7 +207,7 @@ impl Metrics {
             out,
             "# HELP progressd_jobs Jobs in the store.\n# TYPE progressd_jobs gauge\nprogressd_jobs {}\n\
              # HELP progressd_events_stored Events retained in the store.\n# TYPE progressd_events_stored gauge\nprogressd_events_stored {}\n\
-             # HELP progressd_watched_jobs Jobs with a live channel.\n# TYPE progressd_watched_jobs gauge\nprogressd_watched_jobs {}\n\
+             # HELP progressd_watched_jobs Jobs with at least one live subscriber.\n# TYPE progressd_watched_jobs gauge\nprogressd_watched_jobs {}\n\
              # HELP progressd_head_offset Last durable offset.\n# TYPE progressd_head_offset gauge\nprogressd_head_offset {}\n\
              # HELP progressd_store_disk_bytes Size of the store on disk.\n# TYPE progressd_store_disk_bytes gauge\nprogressd_store_disk_bytes {}\n\
              # HELP progressd_ready Whether the daemon is ready (1) or not (0).\n# TYPE progressd_ready gauge\nprogressd_ready {}",
