@@ -424,6 +424,10 @@ impl Hub {
             let Some(Notice::Event(last)) = batch.last() else {
                 return;
             };
+            let metrics = self.supervisor.metrics();
+            metrics
+                .replayed_from_store
+                .fetch_add(batch.len() as u64, Relaxed);
             seq = last.seq;
             let more = full && batch.len() == events.len();
             self.deliver(job, id, &batch, backs).await;

@@ -19,6 +19,10 @@ pub struct Metrics {
     pub subscribers_ws: AtomicI64,
     pub lag_catchups: AtomicU64,
     pub resets: AtomicU64,
+    /// Events replayed to catching-up subscribers from the jobs' recent events in memory.
+    pub replayed_from_memory: AtomicU64,
+    /// Events read from the store to replay (by a subscription, or by a stage that lagged).
+    pub replayed_from_store: AtomicU64,
     pub jobs_removed: AtomicU64,
     task_failures: Mutex<BTreeMap<&'static str, u64>>,
     limit_hits: [AtomicU64; Limit::ALL.len()],
@@ -169,6 +173,16 @@ impl Metrics {
             "progressd_jobs_removed_total",
             "Jobs deleted or expired.",
             self.jobs_removed.load(Relaxed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP progressd_replayed_events_total Events replayed to catching-up subscribers, \
+             from the jobs' recent events in memory or read from the store.\n\
+             # TYPE progressd_replayed_events_total counter\n\
+             progressd_replayed_events_total{{from=\"memory\"}} {}\n\
+             progressd_replayed_events_total{{from=\"store\"}} {}",
+            self.replayed_from_memory.load(Relaxed),
+            self.replayed_from_store.load(Relaxed)
         );
         let _ = writeln!(
             out,

@@ -329,6 +329,8 @@ impl JobSubscription {
             let Some(recent) = self.watch.recent_after(*pos, room) else {
                 break;
             };
+            let n = recent.events.len() as u64;
+            src.metrics.replayed_from_memory.fetch_add(n, Relaxed);
             if deliver_all(out, pos, recent.events).await == Flow::Done {
                 return Ok(ControlFlow::Break(()));
             }
@@ -375,6 +377,9 @@ impl JobSubscription {
                 return Ok(ControlFlow::Break(()));
             };
             let events = src.store.events_after(rec.num, pos.last, page)?;
+            src.metrics
+                .replayed_from_store
+                .fetch_add(events.len() as u64, Relaxed);
             let full = events.len() == page;
             let (mut gap, mut ahead) = (false, false);
             let mut rendered = Vec::with_capacity(events.len());
@@ -609,6 +614,13 @@ impl ManySubscription {
                 .into_iter()
                 .take_while(|(offset, _)| *offset <= visible)
                 .collect();
+            let read = entries
+                .iter()
+                .filter(|(_, e)| matches!(e, Logged::Event { .. }))
+                .count();
+            src.metrics
+                .replayed_from_store
+                .fetch_add(read as u64, Relaxed);
             let full = entries.len() == PAGE;
             let mut expected = from + 1;
             let mut hole = false;

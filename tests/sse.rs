@@ -237,6 +237,57 @@ async fn resume_while_publishing_delivers_every_seq_once_in_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_that_drop_and_come_back_together_catch_up_from_memory() {
+    let d = Daemon::start().await;
+    d.publish_ok("j", step(1)).await;
+    let mut gone = Vec::new();
+    for _ in 0..2 {
+        let (status, mut sse) = d.sse("/v1/jobs/j/stream", None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(sse.expect().await.event, "snapshot");
+        gone.push(sse);
+    }
+    for i in 2..=6 {
+        d.publish_ok("j", step(i)).await;
+    }
+    for sse in &mut gone {
+        let mut next = 2;
+        read_in_order(sse, &mut next, 6, 5).await;
+    }
+    // Both leave, and the daemon has seen them go: the job has no subscriber.
+    drop(gone);
+    while !d
+        .metrics()
+        .await
+        .contains("progressd_subscribers{transport=\"sse\"} 0\n")
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for i in 7..=9 {
+        d.publish_ok("j", step(i)).await;
+    }
+    // They come back (a network blip) a little behind: exactly what they missed, from the
+    // job's recent events the stage kept, none read from the store.
+    for resume in ["4", "5"] {
+        let (status, mut sse) = d.sse("/v1/jobs/j/stream", Some(resume)).await;
+        assert_eq!(status, StatusCode::OK);
+        let mut next = resume.parse::<u64>().unwrap() + 1;
+        read_in_order(&mut sse, &mut next, 9, 9).await;
+        assert_eq!(next, 10);
+    }
+    let metrics = d.metrics().await;
+    assert!(
+        metrics.contains("progressd_replayed_events_total{from=\"store\"} 0\n"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("progressd_replayed_events_total{from=\"memory\"} 0\n"),
+        "{metrics}"
+    );
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_subscriber_gets_everything_and_does_not_delay_a_fast_one() {
     const TOTAL: u64 = 12_000;
     let d = Daemon::with(|c| c.history = 20_000).await;
