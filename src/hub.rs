@@ -7,10 +7,11 @@
 //! - one channel carries every notice; multi-job streams each hold a receiver of it;
 //! - each job with live subscriptions has a channel of its own, read by the job's **fan-out
 //!   stage** (one supervised task, started by the first subscription and ended [`LINGER`]
-//!   after the last one left, or at shutdown). The stage delivers each notice to the per-job subscriptions *attached* to it: one
-//!   `try_send` of a shared frame per subscriber, in slices with a yield between them. So a
-//!   fan-out to 10,000 subscribers wakes each connection once, never queues a publisher's
-//!   request behind all of them, and a busy job never delays another job's stage.
+//!   after the last one left, or at shutdown). The stage delivers each notice to the per-job
+//!   subscriptions *attached* to it: one `try_send` of a shared frame per subscriber, in
+//!   slices with a yield between them. So a fan-out to 10,000 subscribers wakes each
+//!   connection once, never queues a publisher's request behind all of them, and a busy job
+//!   never delays another job's stage.
 //!
 //! A per-job subscription replays from the store by itself, then attaches with its position;
 //! the stage hands it back (`Detached`) when it cannot deliver the next notice in order (a full
@@ -394,7 +395,8 @@ impl Hub {
     /// cannot (the job was removed or re-created, retention dropped them, the store
     /// refused), they are handed back to catch up by themselves.
     async fn refill(&self, job: &str, id: u64, backs: &mut Backs) {
-        // Nobody attached (it lingers): not worth reading the store for; forgetting is.
+        // Nobody attached (it lingers, or every subscription is catching up by itself): not
+        // worth reading the store for; forgetting what it had is enough.
         let from = self
             .lock()
             .get(job)
@@ -424,10 +426,11 @@ impl Hub {
             let Some(Notice::Event(last)) = batch.last() else {
                 return;
             };
-            let metrics = self.supervisor.metrics();
-            metrics
+            let read = batch.len() as u64;
+            self.supervisor
+                .metrics()
                 .replayed_from_store
-                .fetch_add(batch.len() as u64, Relaxed);
+                .fetch_add(read, Relaxed);
             seq = last.seq;
             let more = full && batch.len() == events.len();
             self.deliver(job, id, &batch, backs).await;
