@@ -208,18 +208,16 @@ impl<S: Stream<Item = Bytes> + Unpin> Stream for KeepAlive<S> {
 
 fn sse_event(frame: Frame, ids: Ids) -> Event {
     match frame {
-        Frame::Snapshot {
-            reset, seq, json, ..
-        } => Event::default()
-            .event(if reset { "reset" } else { "snapshot" })
-            .id(seq.to_string())
-            .data(json),
+        Frame::Snapshot(s) => Event::default()
+            .event(if s.reset { "reset" } else { "snapshot" })
+            .id(s.seq.to_string())
+            .data(s.json),
         // `id:` alone: EventSource records it as its Last-Event-ID and fires no event.
         Frame::Position { offset } => Event::default().id(offset.to_string()),
         Frame::ResetAll { offset, json } => Event::default()
             .event("reset")
             .id(offset.to_string())
-            .data(json),
+            .data(String::from(json)),
         Frame::Event(e) => Event::default()
             .event("progress")
             .id(match ids {

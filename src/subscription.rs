@@ -45,17 +45,13 @@ pub enum SubscriptionError {
     Write(#[from] WriteError),
 }
 
-/// One thing to deliver to a subscriber.
+/// One thing to deliver to a subscriber. Small (the rare large ones are boxed): a stream's
+/// channel allocates room for 32 of them up front, idle or not.
 #[derive(Debug)]
 pub enum Frame {
     /// A job's snapshot: `snapshot` on a fresh subscribe, `reset` when the resume point was
-    /// not retained. `seq` is its id.
-    Snapshot {
-        reset: bool,
-        job: Arc<str>,
-        seq: u64,
-        json: String,
-    },
+    /// not retained.
+    Snapshot(Box<Snapshot>),
     /// Where a multi-job stream without a resume point starts (the head when it subscribed):
     /// sent first, as an id without an event, so that a client reconnecting before any event
     /// arrived still resumes from there rather than from a later present.
@@ -65,7 +61,7 @@ pub enum Frame {
     /// The reset of a multi-job stream: `{"jobs":[...]}` of every matching job, at `offset`.
     ResetAll {
         offset: u64,
-        json: String,
+        json: Box<str>,
     },
     Event(Arc<EventMsg>),
     /// The job reached a terminal status; nothing follows for it.
@@ -84,14 +80,23 @@ pub enum Frame {
     },
 }
 
+const _: () = assert!(std::mem::size_of::<Frame>() <= 32);
+
+#[derive(Debug)]
+pub struct Snapshot {
+    pub reset: bool,
+    /// Its id.
+    pub seq: u64,
+    pub json: String,
+}
+
 impl Frame {
     fn snapshot(reset: bool, job: &str, rec: &JobRecord) -> Frame {
-        Frame::Snapshot {
+        Frame::Snapshot(Box::new(Snapshot {
             reset,
-            job: Arc::from(job),
             seq: rec.seq,
             json: rec.to_json(job),
-        }
+        }))
     }
 }
 
@@ -164,7 +169,7 @@ impl Source {
                 watch,
                 job,
                 resume,
-                initial,
+                initial: initial.map(Box::new),
             }))),
         }
     }
@@ -197,7 +202,7 @@ pub struct JobSubscription {
     /// The job as it was when we subscribed: what "fresh subscribe" and "resume point"
     /// are judged against, so an event published after the subscription is delivered as an
     /// event, not folded into a snapshot.
-    initial: Option<JobRecord>,
+    initial: Option<Box<JobRecord>>,
 }
 
 impl JobSubscription {
@@ -590,7 +595,11 @@ impl ManySubscription {
         let json = to_json_line(&Reset {
             jobs: records.iter().map(|(job, rec)| rec.view(job)).collect(),
         });
-        out.send(Frame::ResetAll { offset, json }).await;
+        out.send(Frame::ResetAll {
+            offset,
+            json: json.into_boxed_str(),
+        })
+        .await;
         Ok(offset)
     }
 

@@ -226,7 +226,7 @@ impl Session {
                     let closing = match &frame {
                         Frame::End { .. } | Frame::Removed { .. } => Some((NORMAL, "job finished")),
                         Frame::Failed { .. } => Some((INTERNAL, "subscription failed; reconnect")),
-                        Frame::Snapshot { .. }
+                        Frame::Snapshot(_)
                         | Frame::ResetAll { .. }
                         | Frame::Position { .. }
                         | Frame::Event(_) => None,
@@ -359,9 +359,9 @@ impl Session {
 
 fn ws_text(frame: Frame) -> String {
     match frame {
-        Frame::Snapshot { reset, json, .. } => {
-            let kind = if reset { "reset" } else { "snapshot" };
-            format!(r#"{{"type":"{kind}","job":{json}}}"#)
+        Frame::Snapshot(s) => {
+            let kind = if s.reset { "reset" } else { "snapshot" };
+            format!(r#"{{"type":"{kind}","job":{}}}"#, s.json)
         }
         Frame::Event(e) => e
             .ws_text
@@ -380,7 +380,7 @@ fn ws_text(frame: Frame) -> String {
             "job": job.as_deref(),
         })),
         // Never produced for a WebSocket: its subscriptions are per job.
-        Frame::ResetAll { json, .. } => json,
+        Frame::ResetAll { json, .. } => json.into(),
         Frame::Position { offset } => {
             to_json_line(&serde_json::json!({"type": "position", "offset": offset}))
         }

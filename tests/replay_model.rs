@@ -142,7 +142,8 @@ impl Client {
     /// Checks one frame against the model.
     fn check(&mut self, frame: Frame, jobs: &[JobModel]) {
         match (self.job, frame) {
-            (Some(job), Frame::Snapshot { reset, seq, .. }) => {
+            (Some(job), Frame::Snapshot(snapshot)) => {
+                let (reset, seq) = (snapshot.reset, snapshot.seq);
                 if reset {
                     assert!(
                         self.last + 1 < jobs[job].first_retained(),
