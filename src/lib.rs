@@ -17,6 +17,7 @@
 //! | [`subscription`] | replay from the store, then attached to the hub's stage; resets        |
 //! | [`listen`]       | TCP and Unix listeners, sockets passed by systemd                      |
 //! | [`server`]       | the accept loop: connection limit, header timeout, tracked connections |
+//! | [`handoff`]      | event streams taken from hyper after their head, written by our loop   |
 //! | [`http`]         | warp routes, REST handlers, the JSON error body                        |
 //! | [`sse`]          | Server-Sent Events framing and endpoints                               |
 //! | [`ws`]           | WebSocket sessions                                                     |
@@ -39,6 +40,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod dashboard;
+pub mod handoff;
 pub mod http;
 pub mod hub;
 pub mod listen;

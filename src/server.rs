@@ -8,7 +8,10 @@
 //! connections through hyper's graceful shutdown (bounded by the caller).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use hyper::server::conn::http1;
@@ -21,6 +24,7 @@ use tracing::{debug, warn};
 use warp::filters::BoxedFilter;
 use warp::reply::Response;
 
+use crate::handoff::{self, HandoffService, Shared, SharedIo};
 use crate::listen::Listener;
 use crate::metrics::{Limit, Metrics};
 use crate::supervisor::Supervisor;
@@ -127,9 +131,14 @@ impl Server {
             return;
         }
         let open = Open(Arc::clone(&self.open));
-        let service = TowerToHyperService::new(warp::service(self.routes.clone()));
+        let shared = Shared::new(io);
+        let service = HandoffService::new(
+            TowerToHyperService::new(warp::service(self.routes.clone())),
+            Arc::clone(&shared),
+        );
         // Boxed before the task captures it, so the task holds a pointer: an async block
         // keeps what it captured beside what it awaits, which would hold the connection twice.
+        // Dropped (with hyper's buffers) when an event stream is handed off.
         let conn = Box::pin(
             http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -138,31 +147,72 @@ impl Server {
                 // the store, not here.
                 .max_buf_size(MAX_BUF)
                 .header_read_timeout(self.header_timeout)
-                .serve_connection(TokioIo::new(io), service)
+                .serve_connection(TokioIo::new(SharedIo(Arc::clone(&shared))), service)
                 .with_upgrades(),
         );
         let (metrics, stop) = (Arc::clone(&self.metrics), stop.clone());
         self.supervisor.spawn("connection", async move {
             let _open = open;
-            let mut conn = conn;
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
+            let mut conn = Some(conn);
+            let served = tokio::select! {
+                s = until_handoff(&mut conn, &shared) => s,
                 () = stop.cancelled() => {
                     // Finish the request in flight, take no other, close.
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+                    if let Some(c) = conn.as_mut() {
+                        c.as_mut().graceful_shutdown();
+                    }
+                    until_handoff(&mut conn, &shared).await
                 }
             };
-            if let Err(e) = result {
-                if e.is_timeout() {
-                    metrics.limit_hit(Limit::HeaderTimeout);
+            match served {
+                Served::Done(Ok(())) => {}
+                Served::Done(Err(e)) => {
+                    if e.is_timeout() {
+                        metrics.limit_hit(Limit::HeaderTimeout);
+                    }
+                    // A client going away is not a failure of ours.
+                    debug!(error = %e, "connection ended with an error");
                 }
-                // A client going away is not a failure of ours.
-                debug!(error = %e, "connection ended with an error");
+                Served::HandedOff(res) => {
+                    // hyper's side goes first: its buffers, and its hold on the socket.
+                    drop(conn);
+                    if let Some(io) = shared.take_io() {
+                        drop(shared);
+                        handoff::serve(io, res).await;
+                    }
+                }
             }
             Ok::<(), std::convert::Infallible>(())
         });
     }
+}
+
+/// How hyper's part of a connection ended.
+enum Served {
+    Done(hyper::Result<()>),
+    /// An event stream's response, to be written by us.
+    HandedOff(Response),
+}
+
+/// Drives hyper's connection until it ends or hands a response off (the service deposits it
+/// while hyper polls it, so it is looked for after each poll).
+async fn until_handoff<C, IO>(conn: &mut Option<Pin<Box<C>>>, shared: &Shared<IO>) -> Served
+where
+    C: Future<Output = hyper::Result<()>>,
+{
+    std::future::poll_fn(|cx| {
+        let Some(c) = conn.as_mut() else {
+            return Poll::Ready(Served::Done(Ok(())));
+        };
+        if let Poll::Ready(r) = c.as_mut().poll(cx) {
+            return Poll::Ready(Served::Done(r));
+        }
+        match shared.handed_off() {
+            Some(res) => Poll::Ready(Served::HandedOff(res)),
+            None => Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// Bytes a connection buffers each way beyond the kernel's socket buffers.

@@ -22,6 +22,7 @@ use warp::reply::{Reply, Response};
 use warp::sse::Event;
 
 use crate::auth::Grant;
+use crate::handoff::Handoff;
 use crate::http::error::ApiError;
 use crate::http::jobs::forbidden;
 use crate::http::{job_from_path, query_pairs, query_value, resume_point, AppState};
@@ -140,6 +141,8 @@ fn respond(state: &AppState, rx: mpsc::Receiver<Frame>, ids: Ids, grant: &Grant)
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    // Written by our own loop once the head is ready, without hyper's buffers (`handoff.rs`).
+    res.extensions_mut().insert(Handoff);
     res
 }
 
