@@ -25,8 +25,9 @@
 use std::future::Future;
 use std::io::IoSlice;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context, Poll, Waker};
 
 use bytes::{Buf, Bytes};
 use futures_util::FutureExt;
@@ -41,23 +42,52 @@ use warp::reply::Response;
 pub struct Handoff;
 
 /// What a connection shares with its service: the socket, which hyper uses until a handoff,
-/// and the response handed off.
+/// and the response being handed off.
 pub struct Shared<IO> {
     io: Mutex<Option<IO>>,
-    handed: Mutex<Option<Response>>,
+    /// hyper's last write left bytes in its buffer (a client not reading, typically).
+    unsent: AtomicBool,
+    handing: Mutex<Handing>,
+}
+
+/// Where a marked response is between the service and the connection.
+enum Handing {
+    None,
+    /// Offered by the service, whose future waits to be woken if the connection declines.
+    Offered(Response, Waker),
+    /// Declined by the connection: the service's future gives it back to hyper.
+    Declined(Response),
 }
 
 impl<IO> Shared<IO> {
     pub fn new(io: IO) -> Arc<Shared<IO>> {
         Arc::new(Shared {
             io: Mutex::new(Some(io)),
-            handed: Mutex::new(None),
+            unsent: AtomicBool::new(false),
+            handing: Mutex::new(Handing::None),
         })
     }
 
-    /// The response handed off, if one was.
-    pub fn handed_off(&self) -> Option<Response> {
-        lock(&self.handed).take()
+    /// The response offered, if the connection can take it now. hyper flushes after each
+    /// round of writing, so after a poll of its connection its buffer is empty unless its
+    /// last write was short. If it was, the offer is declined and hyper serves the response:
+    /// taking the socket would lose what hyper still holds. (hyper 1.x reads a pipelined
+    /// request only once the response before it is flushed, so this is a guard for the
+    /// corners, such as a request whose body is read after its response was written.)
+    pub fn take_offered(&self) -> Option<Response> {
+        let mut handing = lock(&self.handing);
+        match std::mem::replace(&mut *handing, Handing::None) {
+            Handing::Offered(res, waker) if self.unsent.load(Ordering::Relaxed) => {
+                *handing = Handing::Declined(res);
+                waker.wake();
+                None
+            }
+            Handing::Offered(res, _) => Some(res),
+            other @ (Handing::None | Handing::Declined(_)) => {
+                *handing = other;
+                None
+            }
+        }
     }
 
     /// The socket back, once hyper's connection is dropped.
@@ -85,6 +115,17 @@ impl<IO: Unpin> SharedIo<IO> {
             None => Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
         }
     }
+
+    /// Notes whether a write of `offered` bytes took them all.
+    fn wrote(
+        &self,
+        offered: usize,
+        r: Poll<std::io::Result<usize>>,
+    ) -> Poll<std::io::Result<usize>> {
+        let short = !matches!(r, Poll::Ready(Ok(n)) if n >= offered);
+        self.0.unsent.store(short, Ordering::Relaxed);
+        r
+    }
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for SharedIo<IO> {
@@ -103,7 +144,8 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for SharedIo<IO> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        self.with(|io| io.poll_write(cx, buf))
+        let r = self.with(|io| io.poll_write(cx, buf));
+        self.wrote(buf.len(), r)
     }
 
     fn poll_write_vectored(
@@ -111,7 +153,8 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for SharedIo<IO> {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        self.with(|io| io.poll_write_vectored(cx, bufs))
+        let r = self.with(|io| io.poll_write_vectored(cx, bufs));
+        self.wrote(bufs.iter().map(|b| b.len()).sum(), r)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -148,28 +191,31 @@ where
 {
     type Response = Response;
     type Error = S::Error;
-    type Future = Handing<S::Future, IO>;
+    type Future = Offer<S::Future, IO>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let shared = (req.method() == Method::GET).then(|| Arc::clone(&self.shared));
-        Handing {
+        Offer {
             inner: self.inner.call(req),
             shared,
+            offered: false,
         }
     }
 }
 
 pin_project_lite::pin_project! {
-    /// A request's response, unless it is handed off: then it stays pending until the
-    /// connection, which looks for a handoff after each poll, drops hyper's side.
-    pub struct Handing<F, IO> {
+    /// A request's response, unless it is handed off: then it stays pending, and hyper's
+    /// connection is dropped by the connection's task, which looks for an offer after each
+    /// poll of it. A declined offer comes back here and goes to hyper after all.
+    pub struct Offer<F, IO> {
         #[pin]
         inner: F,
         shared: Option<Arc<Shared<IO>>>,
+        offered: bool,
     }
 }
 
-impl<F, E, IO> Future for Handing<F, IO>
+impl<F, E, IO> Future for Offer<F, IO>
 where
     F: Future<Output = Result<Response, E>>,
 {
@@ -177,14 +223,27 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let res = ready!(this.inner.poll(cx))?;
-        match this.shared {
-            Some(shared) if res.extensions().get::<Handoff>().is_some() => {
-                *lock(&shared.handed) = Some(res);
-                Poll::Pending
-            }
-            Some(_) | None => Poll::Ready(Ok(res)),
+        let Some(shared) = this.shared else {
+            return this.inner.poll(cx);
+        };
+        if *this.offered {
+            let mut handing = lock(&shared.handing);
+            return match std::mem::replace(&mut *handing, Handing::None) {
+                Handing::Declined(res) => Poll::Ready(Ok(res)),
+                Handing::Offered(res, _) => {
+                    *handing = Handing::Offered(res, cx.waker().clone());
+                    Poll::Pending
+                }
+                Handing::None => Poll::Pending,
+            };
         }
+        let res = ready!(this.inner.poll(cx))?;
+        if res.extensions().get::<Handoff>().is_none() {
+            return Poll::Ready(Ok(res));
+        }
+        *lock(&shared.handing) = Handing::Offered(res, cx.waker().clone());
+        *this.offered = true;
+        Poll::Pending
     }
 }
 
@@ -326,12 +385,80 @@ async fn write_all_bufs<IO: AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::task::Wake;
+    use warp::Reply;
+
+    #[derive(Default)]
+    struct Wakes(AtomicUsize);
+
+    impl Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn offer(shared: &Arc<Shared<()>>) -> Offer<std::future::Ready<Result<Response, ()>>, ()> {
+        let mut res = warp::reply().into_response();
+        res.extensions_mut().insert(Handoff);
+        Offer {
+            inner: std::future::ready(Ok(res)),
+            shared: Some(Arc::clone(shared)),
+            offered: false,
+        }
+    }
+
+    #[test]
+    fn an_offer_is_taken_when_hyper_has_sent_everything() {
+        let shared = Shared::new(());
+        let wakes = Arc::new(Wakes::default());
+        let waker = Waker::from(Arc::clone(&wakes));
+        let mut offer = std::pin::pin!(offer(&shared));
+        assert!(offer
+            .as_mut()
+            .poll(&mut Context::from_waker(&waker))
+            .is_pending());
+        assert!(shared.take_offered().is_some());
+        assert!(shared.take_offered().is_none());
+    }
+
+    #[test]
+    fn an_offer_goes_back_to_hyper_while_hyper_holds_unsent_bytes() {
+        let shared = Shared::new(());
+        let wakes = Arc::new(Wakes::default());
+        let waker = Waker::from(Arc::clone(&wakes));
+        let mut offer = std::pin::pin!(offer(&shared));
+        let mut cx = Context::from_waker(&waker);
+        assert!(offer.as_mut().poll(&mut cx).is_pending());
+        // hyper's last write was short: an earlier response is still in its buffer.
+        shared.unsent.store(true, Ordering::Relaxed);
+        assert!(shared.take_offered().is_none());
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 1);
+        let Poll::Ready(Ok(res)) = offer.as_mut().poll(&mut cx) else {
+            panic!("a declined offer must be answered by hyper");
+        };
+        assert!(res.extensions().get::<Handoff>().is_some());
+    }
+
+    #[test]
+    fn a_request_other_than_get_is_never_offered() {
+        let shared = Shared::new(());
+        let waker = Waker::from(Arc::new(Wakes::default()));
+        let mut unmarked = offer(&shared);
+        unmarked.shared = None;
+        let mut unmarked = std::pin::pin!(unmarked);
+        assert!(unmarked
+            .as_mut()
+            .poll(&mut Context::from_waker(&waker))
+            .is_ready());
+        assert!(shared.take_offered().is_none());
+    }
 
     #[tokio::test]
     async fn buffers_are_written_whole_across_short_writes() {
         // A pipe that takes a few bytes at a time.
         let (mut client, server) = tokio::io::duplex(7);
-        let mut bufs: Vec<Bytes> = ["retry: 3000\n\n", "id: 1\ndata: {}\n\n", "", "x"]
+        let mut bufs: Vec<Bytes> = [&b"retry: 3000\n\n"[..], b"id: 1\ndata: {}\n\n", b"", b"x"]
             .into_iter()
             .map(Bytes::from_static)
             .collect();

@@ -7,9 +7,9 @@
 //! (slowloris), and shutdown stops accepting, lets in-flight requests finish and waits for
 //! connections through hyper's graceful shutdown (bounded by the caller).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -207,7 +207,7 @@ where
         if let Poll::Ready(r) = c.as_mut().poll(cx) {
             return Poll::Ready(Served::Done(r));
         }
-        match shared.handed_off() {
+        match shared.take_offered() {
             Some(res) => Poll::Ready(Served::HandedOff(res)),
             None => Poll::Pending,
         }

@@ -486,3 +486,124 @@ async fn a_fresh_many_job_stream_gives_a_resume_point_before_any_event() {
     assert_eq!(ev.data["job"], "away");
     d.stop().await;
 }
+
+/// Reads from `s` until `done` says enough.
+async fn read_socket_until(s: &mut tokio::net::TcpStream, done: impl Fn(&[u8]) -> bool) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    while !done(&got) {
+        let mut buf = vec![0u8; 64 * 1024];
+        let n = tokio::time::timeout(common::PATIENCE, s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed early, after {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    got
+}
+
+fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+/// A stream is written by the daemon's own loop once its head is ready (`handoff.rs`): its
+/// body is delimited by the connection's end, not chunked, each frame as it is; and a client
+/// leaving a quiet stream is noticed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_is_handed_off_from_hyper_and_framed_by_the_connection() {
+    use tokio::io::AsyncWriteExt;
+    let d = Daemon::start().await;
+    d.publish_ok("j", step(1)).await;
+    let mut s = tokio::net::TcpStream::connect(d.addr).await.unwrap();
+    s.write_all(b"GET /v1/jobs/j/stream HTTP/1.1\r\nHost: progressd\r\n\r\n")
+        .await
+        .unwrap();
+    let got = read_socket_until(&mut s, |got| contains(got, "event:snapshot")).await;
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let head = head.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+    assert!(head.contains("\r\nconnection: close"), "{head}");
+    assert!(
+        head.contains("\r\ncontent-type: text/event-stream"),
+        "{head}"
+    );
+    assert!(head.contains("\r\ndate: "), "{head}");
+    assert!(!head.contains("transfer-encoding"), "{head}");
+    // No chunk sizes between the frames: the body is the frames.
+    assert!(body.starts_with("retry:"), "{body:?}");
+    d.publish_ok("j", step(2)).await;
+    let got = read_socket_until(&mut s, |got| contains(got, "id:2\n")).await;
+    let block = String::from_utf8_lossy(&got).into_owned();
+    assert!(block.starts_with("event:progress\n"), "{block:?}");
+    assert!(block.ends_with("\n\n"), "{block:?}");
+    // The client leaves while nothing is being sent: its subscription ends.
+    drop(s);
+    while !d
+        .metrics()
+        .await
+        .contains("progressd_subscribers{transport=\"sse\"} 0\n")
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    d.stop().await;
+}
+
+/// A stream requested behind a large response on the same connection (pipelined, the client
+/// reading slowly) comes after that response in full: the stream is not handed off while
+/// hyper still holds bytes of the response before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_pipelined_behind_a_large_response_follows_it_whole() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let d = Daemon::with(|c| c.max_body = 16 * 1024 * 1024).await;
+    // 12 MB of history: more than the kernel's socket buffers take at once (4 MiB at most
+    // for the daemon's send buffer), so hyper still holds some when the stream is ready.
+    let pad = "x".repeat(12_000);
+    let batch: Vec<Value> = (1..=1000)
+        .map(|i| json!({"percent": i as f64 / 10.0, "data": {"pad": pad}}))
+        .collect();
+    assert_eq!(d.publish_ok("big", json!(batch)).await, 1000);
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    let mut s = socket.connect(d.addr).await.unwrap();
+    s.write_all(
+        b"GET /v1/jobs/big/events?after=0&limit=1000 HTTP/1.1\r\nHost: progressd\r\n\r\n\
+          GET /v1/jobs/big/stream HTTP/1.1\r\nHost: progressd\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut got = read_socket_until(&mut s, |got| contains(got, "\r\n\r\n")).await;
+    let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    got.reserve(end + length + 4096 - got.len().min(end + length));
+    while got.len() < end + length {
+        let n = tokio::time::timeout(common::PATIENCE, s.read_buf(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed inside the first response");
+    }
+    let rest = got.split_off(end + length);
+    let history: Value = serde_json::from_slice(&got[end..]).unwrap();
+    assert_eq!(history["events"].as_array().unwrap().len(), 1000);
+    let mut rest = rest;
+    if !contains(&rest, "retry:") {
+        rest.extend(read_socket_until(&mut s, |more| contains(more, "retry:")).await);
+    }
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.starts_with("HTTP/1.1 200 OK\r\n"), "{rest}");
+    assert!(rest.contains("\r\n\r\nretry:"), "{rest}");
+    d.stop().await;
+}
