@@ -4,8 +4,8 @@
 //! hyper keeps, for as long as a connection lives, an 8 KiB read buffer and an 8 KiB buffer
 //! for response heads, and has no setting to shrink either on the server. For a request that
 //! lasts a second that is nothing; for an SSE stream held open for hours by each of ten
-//! thousand browsers it was most of the daemon's memory (15 KiB a stream, against about 5
-//! without them). So a streaming response marks itself with [`Handoff`]; when the connection
+//! thousand browsers it was most of the daemon's memory (15 KiB a stream, against 6 without
+//! them). So a streaming response marks itself with [`Handoff`]; when the connection
 //! sees that mark it drops hyper's connection (and its buffers), takes the socket back, writes
 //! the head and then each frame straight from the stage's shared `Bytes`.
 //!

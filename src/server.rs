@@ -6,6 +6,10 @@
 //! a client that does not finish its request headers within `--header-timeout` is dropped
 //! (slowloris), and shutdown stops accepting, lets in-flight requests finish and waits for
 //! connections through hyper's graceful shutdown (bounded by the caller).
+//!
+//! An event stream's connection leaves hyper once the response head is ready: the task drops
+//! hyper's connection and writes the stream itself (`handoff.rs`). It stays counted and
+//! tracked until the stream ends.
 
 use std::future::Future;
 use std::pin::Pin;
