@@ -236,6 +236,17 @@ async fn resume_while_publishing_delivers_every_seq_once_in_order() {
     d.stop().await;
 }
 
+/// Until the daemon has seen every SSE subscriber go.
+async fn until_no_sse_subscriber(d: &Daemon) {
+    while !d
+        .metrics()
+        .await
+        .contains("progressd_subscribers{transport=\"sse\"} 0\n")
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribers_that_drop_and_come_back_together_catch_up_from_memory() {
     let d = Daemon::start().await;
@@ -256,13 +267,7 @@ async fn subscribers_that_drop_and_come_back_together_catch_up_from_memory() {
     }
     // Both leave, and the daemon has seen them go: the job has no subscriber.
     drop(gone);
-    while !d
-        .metrics()
-        .await
-        .contains("progressd_subscribers{transport=\"sse\"} 0\n")
-    {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_no_sse_subscriber(&d).await;
     for i in 7..=9 {
         d.publish_ok("j", step(i)).await;
     }
@@ -544,13 +549,7 @@ async fn a_stream_is_handed_off_from_hyper_and_framed_by_the_connection() {
     assert!(block.ends_with("\n\n"), "{block:?}");
     // The client leaves while nothing is being sent: its subscription ends.
     drop(s);
-    while !d
-        .metrics()
-        .await
-        .contains("progressd_subscribers{transport=\"sse\"} 0\n")
-    {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_no_sse_subscriber(&d).await;
     d.stop().await;
 }
 
