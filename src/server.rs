@@ -157,14 +157,12 @@ impl Server {
         let (metrics, stop) = (Arc::clone(&self.metrics), stop.clone());
         self.supervisor.spawn("connection", async move {
             let _open = open;
-            let mut conn = Some(conn);
+            let mut conn = conn;
             let served = tokio::select! {
                 s = until_handoff(&mut conn, &shared) => s,
                 () = stop.cancelled() => {
                     // Finish the request in flight, take no other, close.
-                    if let Some(c) = conn.as_mut() {
-                        c.as_mut().graceful_shutdown();
-                    }
+                    conn.as_mut().graceful_shutdown();
                     until_handoff(&mut conn, &shared).await
                 }
             };
@@ -200,15 +198,12 @@ enum Served {
 
 /// Drives hyper's connection until it ends or hands a response off (the service deposits it
 /// while hyper polls it, so it is looked for after each poll).
-async fn until_handoff<C, IO>(conn: &mut Option<Pin<Box<C>>>, shared: &Shared<IO>) -> Served
+async fn until_handoff<C, IO>(conn: &mut Pin<Box<C>>, shared: &Shared<IO>) -> Served
 where
     C: Future<Output = hyper::Result<()>>,
 {
     std::future::poll_fn(|cx| {
-        let Some(c) = conn.as_mut() else {
-            return Poll::Ready(Served::Done(Ok(())));
-        };
-        if let Poll::Ready(r) = c.as_mut().poll(cx) {
+        if let Poll::Ready(r) = conn.as_mut().poll(cx) {
             return Poll::Ready(Served::Done(r));
         }
         match shared.take_offered() {
