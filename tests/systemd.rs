@@ -302,6 +302,23 @@ fn a_unix_socket_serves_the_api() {
     assert_eq!(status, 200);
     let snap: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(snap["stage"], "via unix");
+    // A stream over the Unix socket, written by the daemon's own loop (`handoff.rs`): the
+    // job is finished, so it is the snapshot, `end`, and the connection's close.
+    let (status, _) = unix_request(
+        &sock,
+        "POST",
+        "/v1/jobs/u/events",
+        Some(r#"{"status":"succeeded"}"#),
+    );
+    assert_eq!(status, 201);
+    let (status, body) = unix_request(&sock, "GET", "/v1/jobs/u/stream", None);
+    assert_eq!(status, 200);
+    assert!(body.starts_with("retry:"), "{body}");
+    let end = body.find("event:end").unwrap_or_else(|| panic!("{body}"));
+    assert!(
+        body.find("event:snapshot").is_some_and(|at| at < end),
+        "{body}"
+    );
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
