@@ -234,6 +234,8 @@ where
                     *handing = Handing::Offered(res, cx.waker().clone());
                     Poll::Pending
                 }
+                // Taken by the connection, which then drops hyper's side without polling it
+                // again: this future is never asked again.
                 Handing::None => Poll::Pending,
             };
         }
@@ -256,6 +258,10 @@ pub async fn serve<IO: AsyncRead + AsyncWrite + Unpin>(mut io: IO, res: Response
     drop(parts);
     if let Ok(()) = pump(&mut io, head, &mut body).await {
         let _ = io.shutdown().await;
+        // Closing a socket with unread bytes in it sends a reset, which can make the client
+        // drop the last frames (`end`, the shutdown's `retry:`) before reading them: read
+        // what it has sent, without waiting for more.
+        let _ = left(&mut io).now_or_never();
     }
 }
 
