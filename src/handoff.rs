@@ -102,15 +102,30 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The socket as hyper sees it, until it is taken back.
-pub struct SharedIo<IO>(pub Arc<Shared<IO>>);
+/// The socket as hyper sees it, until it is taken back. It keeps `hold` alive for as long as
+/// hyper has it, or a WebSocket session upgraded from it: hyper's connection ends at the
+/// upgrade, but the connection goes on (the server holds its place in the connection count
+/// this way).
+pub struct SharedIo<IO> {
+    shared: Arc<Shared<IO>>,
+    _hold: Arc<dyn Send + Sync>,
+}
+
+impl<IO> SharedIo<IO> {
+    pub fn new(shared: Arc<Shared<IO>>, hold: Arc<dyn Send + Sync>) -> SharedIo<IO> {
+        SharedIo {
+            shared,
+            _hold: hold,
+        }
+    }
+}
 
 impl<IO: Unpin> SharedIo<IO> {
     fn with<R>(
         &self,
         f: impl FnOnce(Pin<&mut IO>) -> Poll<std::io::Result<R>>,
     ) -> Poll<std::io::Result<R>> {
-        match lock(&self.0.io).as_mut() {
+        match lock(&self.shared.io).as_mut() {
             Some(io) => f(Pin::new(io)),
             None => Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
         }
@@ -123,7 +138,7 @@ impl<IO: Unpin> SharedIo<IO> {
         r: Poll<std::io::Result<usize>>,
     ) -> Poll<std::io::Result<usize>> {
         let short = !matches!(r, Poll::Ready(Ok(n)) if n >= offered);
-        self.0.unsent.store(short, Ordering::Relaxed);
+        self.shared.unsent.store(short, Ordering::Relaxed);
         r
     }
 }
@@ -158,7 +173,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for SharedIo<IO> {
     }
 
     fn is_write_vectored(&self) -> bool {
-        lock(&self.0.io)
+        lock(&self.shared.io)
             .as_ref()
             .is_some_and(AsyncWrite::is_write_vectored)
     }

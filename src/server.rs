@@ -134,7 +134,9 @@ impl Server {
             self.supervisor.spawn("connection-refused", refuse(io));
             return;
         }
-        let open = Open(Arc::clone(&self.open));
+        // Held by the task and by hyper's socket: a WebSocket session keeps the socket after
+        // hyper's connection (and this task) end, and stays counted.
+        let open = Arc::new(Open(Arc::clone(&self.open)));
         let shared = Shared::new(io);
         let service = HandoffService::new(
             TowerToHyperService::new(warp::service(self.routes.clone())),
@@ -151,7 +153,10 @@ impl Server {
                 // the store, not here.
                 .max_buf_size(MAX_BUF)
                 .header_read_timeout(self.header_timeout)
-                .serve_connection(TokioIo::new(SharedIo(Arc::clone(&shared))), service)
+                .serve_connection(
+                    TokioIo::new(SharedIo::new(Arc::clone(&shared), open.clone())),
+                    service,
+                )
                 .with_upgrades(),
         );
         let (metrics, stop) = (Arc::clone(&self.metrics), stop.clone());

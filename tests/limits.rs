@@ -183,3 +183,38 @@ async fn a_socket_follows_a_bounded_number_of_jobs() {
     assert_eq!(hits(&d.metrics().await, "subscriptions"), 1);
     d.stop().await;
 }
+
+/// A WebSocket session is a connection for `--max-connections` for as long as it lives,
+/// though hyper is done with it after the upgrade.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_sessions_count_against_the_maximum() {
+    let d = Daemon::with(|c| c.max_connections = 2).await;
+    let mut sessions = Vec::new();
+    for _ in 0..2 {
+        // Upgraded: hyper's part of the connection is over, the session goes on.
+        sessions.push(ws_connect(&d.ws_url("/v1/ws")).await);
+    }
+    let mut s = TcpStream::connect(d.addr).await.unwrap();
+    assert_eq!(
+        request(&mut s).await,
+        Some(503),
+        "a third connection was served beside two WebSocket sessions"
+    );
+    // A session that ends frees its slot.
+    drop(sessions.pop());
+    let mut served = false;
+    for _ in 0..200 {
+        let mut s = TcpStream::connect(d.addr).await.unwrap();
+        if request(&mut s).await == Some(200) {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        served,
+        "the slot of a closed WebSocket session was never freed"
+    );
+    drop(sessions);
+    d.stop().await;
+}
