@@ -419,6 +419,12 @@ mod tests {
         }
     }
 
+    /// A waker that counts its wakes.
+    fn counting_waker() -> (Arc<Wakes>, Waker) {
+        let wakes = Arc::new(Wakes::default());
+        (Arc::clone(&wakes), Waker::from(wakes))
+    }
+
     fn offer(shared: &Arc<Shared<()>>) -> Offer<std::future::Ready<Result<Response, ()>>, ()> {
         let mut res = warp::reply().into_response();
         res.extensions_mut().insert(Handoff);
@@ -432,8 +438,7 @@ mod tests {
     #[test]
     fn an_offer_is_taken_when_hyper_has_sent_everything() {
         let shared = Shared::new(());
-        let wakes = Arc::new(Wakes::default());
-        let waker = Waker::from(Arc::clone(&wakes));
+        let (_, waker) = counting_waker();
         let mut offer = std::pin::pin!(offer(&shared));
         assert!(offer
             .as_mut()
@@ -446,8 +451,7 @@ mod tests {
     #[test]
     fn an_offer_goes_back_to_hyper_while_hyper_holds_unsent_bytes() {
         let shared = Shared::new(());
-        let wakes = Arc::new(Wakes::default());
-        let waker = Waker::from(Arc::clone(&wakes));
+        let (wakes, waker) = counting_waker();
         let mut offer = std::pin::pin!(offer(&shared));
         let mut cx = Context::from_waker(&waker);
         assert!(offer.as_mut().poll(&mut cx).is_pending());
@@ -464,7 +468,7 @@ mod tests {
     #[test]
     fn a_request_other_than_get_is_never_offered() {
         let shared = Shared::new(());
-        let waker = Waker::from(Arc::new(Wakes::default()));
+        let (_, waker) = counting_waker();
         let mut unmarked = offer(&shared);
         unmarked.shared = None;
         let mut unmarked = std::pin::pin!(unmarked);

@@ -492,24 +492,25 @@ async fn a_fresh_many_job_stream_gives_a_resume_point_before_any_event() {
     d.stop().await;
 }
 
-/// Reads from `s` until `done` says enough.
-async fn read_socket_until(s: &mut tokio::net::TcpStream, done: impl Fn(&[u8]) -> bool) -> Vec<u8> {
+/// Reads from `s` into `got` until `done(got)` says enough.
+async fn read_socket_until(
+    s: &mut tokio::net::TcpStream,
+    got: &mut Vec<u8>,
+    done: impl Fn(&[u8]) -> bool,
+) {
     use tokio::io::AsyncReadExt;
-    let mut got = Vec::new();
-    while !done(&got) {
-        let mut buf = vec![0u8; 64 * 1024];
-        let n = tokio::time::timeout(common::PATIENCE, s.read(&mut buf))
+    while !done(got) {
+        got.reserve(64 * 1024);
+        let n = tokio::time::timeout(common::PATIENCE, s.read_buf(got))
             .await
             .unwrap()
             .unwrap();
         assert!(
             n > 0,
             "closed early, after {:?}",
-            String::from_utf8_lossy(&got)
+            String::from_utf8_lossy(got)
         );
-        got.extend_from_slice(&buf[..n]);
     }
-    got
 }
 
 fn contains(hay: &[u8], needle: &str) -> bool {
@@ -528,7 +529,8 @@ async fn a_stream_is_handed_off_from_hyper_and_framed_by_the_connection() {
     s.write_all(b"GET /v1/jobs/j/stream HTTP/1.1\r\nHost: progressd\r\n\r\n")
         .await
         .unwrap();
-    let got = read_socket_until(&mut s, |got| contains(got, "event:snapshot")).await;
+    let mut got = Vec::new();
+    read_socket_until(&mut s, &mut got, |got| contains(got, "event:snapshot")).await;
     let text = String::from_utf8_lossy(&got).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap();
     let head = head.to_ascii_lowercase();
@@ -543,7 +545,8 @@ async fn a_stream_is_handed_off_from_hyper_and_framed_by_the_connection() {
     // No chunk sizes between the frames: the body is the frames.
     assert!(body.starts_with("retry:"), "{body:?}");
     d.publish_ok("j", step(2)).await;
-    let got = read_socket_until(&mut s, |got| contains(got, "id:2\n")).await;
+    let mut got = Vec::new();
+    read_socket_until(&mut s, &mut got, |got| contains(got, "id:2\n")).await;
     let block = String::from_utf8_lossy(&got).into_owned();
     assert!(block.starts_with("event:progress\n"), "{block:?}");
     assert!(block.ends_with("\n\n"), "{block:?}");
@@ -560,7 +563,7 @@ async fn a_stream_is_handed_off_from_hyper_and_framed_by_the_connection() {
 /// case where it would not is `handoff::tests`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_pipelined_behind_a_large_response_follows_it_whole() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let d = Daemon::with(|c| c.max_body = 16 * 1024 * 1024).await;
     // 12 MB of history: more than the kernel's socket buffers take at once (4 MiB at most
     // for the daemon's send buffer), so hyper writes it over many rounds.
@@ -578,7 +581,8 @@ async fn a_stream_pipelined_behind_a_large_response_follows_it_whole() {
     )
     .await
     .unwrap();
-    let mut got = read_socket_until(&mut s, |got| contains(got, "\r\n\r\n")).await;
+    let mut got = Vec::new();
+    read_socket_until(&mut s, &mut got, |got| contains(got, "\r\n\r\n")).await;
     let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
     let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 200"), "{head}");
@@ -588,25 +592,11 @@ async fn a_stream_pipelined_behind_a_large_response_follows_it_whole() {
         .unwrap()
         .parse()
         .unwrap();
-    got.reserve(end + length + 4096 - got.len().min(end + length));
-    while got.len() < end + length {
-        let n = tokio::time::timeout(common::PATIENCE, s.read_buf(&mut got))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "closed inside the first response");
-    }
-    let rest = got.split_off(end + length);
+    read_socket_until(&mut s, &mut got, |got| got.len() >= end + length).await;
+    let mut rest = got.split_off(end + length);
     let history: Value = serde_json::from_slice(&got[end..]).unwrap();
     assert_eq!(history["events"].as_array().unwrap().len(), 1000);
-    let mut rest = rest;
-    while !contains(&rest, "retry:") {
-        let n = tokio::time::timeout(common::PATIENCE, s.read_buf(&mut rest))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "closed before the stream");
-    }
+    read_socket_until(&mut s, &mut rest, |rest| contains(rest, "retry:")).await;
     let rest = String::from_utf8_lossy(&rest);
     assert!(rest.starts_with("HTTP/1.1 200 OK\r\n"), "{rest}");
     assert!(rest.contains("\r\n\r\nretry:"), "{rest}");
