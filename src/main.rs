@@ -14,6 +14,11 @@ use progressd::cli;
 use progressd::config::{Cli, Command, ExportArgs, ImportArgs, LogFormat, ServeArgs};
 use progressd::{Config, Listener};
 
+/// jemalloc rather than glibc's malloc: a quarter fewer CPU cycles per publish, the same memory
+/// per idle stream (README "Performance", allocator).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve(args) => serve(args),

@@ -287,15 +287,14 @@ pub struct Store {
     idem: sled::Tree,
 }
 
-const META_OFFSET: &[u8] = b"offset";
-const META_NUM: &[u8] = b"num";
-const META_LOG_FLOOR: &[u8] = b"log_floor";
-const META_EVENTS: &[u8] = b"events";
-const META_JOBS: &[u8] = b"jobs";
+/// The [`Heads`], one record: a group commit writes one meta key, not one per counter.
+const META_HEADS: &[u8] = b"heads";
+/// The heads as layout 2 kept them, one key each (read to convert such a store).
+const LEGACY_HEADS: [&[u8]; 5] = [b"offset", b"num", b"log_floor", b"events", b"jobs"];
 const META_LAYOUT: &[u8] = b"layout";
-/// The layout of the trees this build writes: 2 is runs (1, never recorded, was one key per
-/// event).
-const LAYOUT: u64 = 2;
+/// The layout of the trees this build writes: 3 is runs with the heads in one record (2 was
+/// runs with a key per head; 1, never recorded, one key per event).
+const LAYOUT: u64 = 3;
 
 impl Store {
     /// Opens (or creates) the store in `dir`. `cache_bytes` bounds sled's page cache.
@@ -342,9 +341,10 @@ impl Store {
         Ok(store)
     }
 
-    /// Records the layout in a new store; converts a store of an earlier layout (one key per
-    /// event) to runs of one event, in one transaction: a crash leaves it as it was. The
-    /// transaction holds the converted store in memory once, as large as the store's events.
+    /// Records the layout in a new store; converts a store of an earlier layout, in one
+    /// transaction: a crash leaves it as it was. From layout 2 that is the heads alone; from 1
+    /// (one key per event) also every event, to runs of one, and the transaction then holds
+    /// the converted store in memory once, as large as the store's events.
     fn upgrade_layout(&self) -> Result<(), StoreError> {
         let layout = self
             .meta
@@ -353,16 +353,34 @@ impl Store {
             .map(|v| codec::u64_from(&v));
         match layout {
             Some(LAYOUT) => return Ok(()),
-            Some(other) => {
+            Some(newer) if newer > LAYOUT => {
                 return Err(StoreError::Decode {
                     what: "store layout",
                     detail: format!(
-                        "layout {other} was written by a newer progressd (this one reads \
+                        "layout {newer} was written by a newer progressd (this one reads \
                          {LAYOUT}); run that version, or export with it and import here"
                     ),
                 })
             }
-            None => {}
+            Some(_) | None => {}
+        }
+        let mut meta = sled::Batch::default();
+        meta.insert(META_LAYOUT, &codec::u64_key(LAYOUT));
+        // `heads` reads the layout-2 keys of a store not yet converted.
+        meta.insert(META_HEADS, &codec::encode_heads(&self.heads()?)[..]);
+        for key in LEGACY_HEADS {
+            meta.remove(key);
+        }
+        if layout == Some(2) {
+            // Runs already: the heads alone. One tree, so its batch is atomic by itself.
+            self.meta
+                .apply_batch(meta)
+                .map_err(StoreError::sled("convert layout"))?;
+            return self
+                .db
+                .flush()
+                .map(drop)
+                .map_err(StoreError::sled("flush converted layout"));
         }
         let mut events = sled::Batch::default();
         let mut converted = 0u64;
@@ -386,8 +404,6 @@ impl Store {
             };
             log.insert(key, codec::encode("log record", &record)?);
         }
-        let mut meta = sled::Batch::default();
-        meta.insert(META_LAYOUT, &codec::u64_key(LAYOUT));
         (&self.events, &self.log, &self.meta)
             .transaction(|(te, tl, tm)| {
                 te.apply_batch(&events)?;
@@ -405,21 +421,24 @@ impl Store {
         Ok(())
     }
 
+    /// The counters; all 0 in a new store. A store of layout 2 (one key per counter) is read
+    /// as it is, since `open` checks it for damage before converting it.
     pub fn heads(&self) -> Result<Heads, StoreError> {
-        let get = |key: &[u8]| -> Result<u64, StoreError> {
-            Ok(self
-                .meta
-                .get(key)
-                .map_err(StoreError::sled("read meta"))?
-                .map(|v| codec::u64_from(&v))
-                .unwrap_or(0))
-        };
+        let get = |key: &[u8]| self.meta.get(key).map_err(StoreError::sled("read meta"));
+        if let Some(record) = get(META_HEADS)? {
+            return codec::decode_heads(&record);
+        }
+        let mut legacy = [0u64; 5];
+        for (n, key) in legacy.iter_mut().zip(LEGACY_HEADS) {
+            *n = get(key)?.map(|v| codec::u64_from(&v)).unwrap_or(0);
+        }
+        let [offset, num, log_floor, events, jobs] = legacy;
         Ok(Heads {
-            offset: get(META_OFFSET)?,
-            num: get(META_NUM)?,
-            log_floor: get(META_LOG_FLOOR)?,
-            events: get(META_EVENTS)?,
-            jobs: get(META_JOBS)?,
+            offset,
+            num,
+            log_floor,
+            events,
+            jobs,
         })
     }
 
@@ -753,11 +772,7 @@ impl Store {
         }
         let mut meta = sled::Batch::default();
         if let Some(h) = m.heads {
-            meta.insert(META_OFFSET, &codec::u64_key(h.offset));
-            meta.insert(META_NUM, &codec::u64_key(h.num));
-            meta.insert(META_LOG_FLOOR, &codec::u64_key(h.log_floor));
-            meta.insert(META_EVENTS, &codec::u64_key(h.events));
-            meta.insert(META_JOBS, &codec::u64_key(h.jobs));
+            meta.insert(META_HEADS, &codec::encode_heads(&h)[..]);
         }
         (
             &self.jobs,
@@ -864,7 +879,7 @@ pub mod codec {
     use serde::de::DeserializeOwned;
     use serde::Serialize;
 
-    use super::{Expiry, RunHead, StoreError};
+    use super::{Expiry, Heads, RunHead, StoreError};
     use crate::model::{Change, Event};
 
     /// The largest record is a run: one request's events, at most `--max-body` (≤ 8 MiB,
@@ -982,6 +997,33 @@ pub mod codec {
             first_seq: head.seq,
             first_offset: head.offset,
             count: head.count,
+        })
+    }
+
+    /// The heads record: its five counters, fixed-width.
+    pub fn encode_heads(h: &Heads) -> [u8; 40] {
+        let mut out = [0u8; 40];
+        let counters = [h.offset, h.num, h.log_floor, h.events, h.jobs];
+        for (chunk, n) in out.chunks_exact_mut(8).zip(counters) {
+            chunk.copy_from_slice(&n.to_be_bytes());
+        }
+        out
+    }
+
+    pub fn decode_heads(bytes: &[u8]) -> Result<Heads, StoreError> {
+        if bytes.len() != 40 {
+            return Err(StoreError::Decode {
+                what: "heads",
+                detail: format!("{} bytes, not 40", bytes.len()),
+            });
+        }
+        let n = |i: usize| u64_from(&bytes[i * 8..i * 8 + 8]);
+        Ok(Heads {
+            offset: n(0),
+            num: n(1),
+            log_floor: n(2),
+            events: n(3),
+            jobs: n(4),
         })
     }
 
@@ -1265,6 +1307,62 @@ mod tests {
             .collect();
         let run = codec::encode_run(&events).unwrap();
         assert_eq!(codec::decode_run(&run).unwrap().len(), 1000);
+    }
+
+    /// A store of layout 2 (a meta key per counter) opens with the same counters, kept in
+    /// one record from then on; the damage check reads the old keys before the conversion.
+    #[test]
+    fn a_store_with_a_key_per_counter_is_converted_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let meta = db.open_tree("meta").unwrap();
+            for (key, n) in LEGACY_HEADS.iter().zip([41u64, 7, 3, 30, 5]) {
+                meta.insert(key, &codec::u64_key(n)).unwrap();
+            }
+            meta.insert(META_LAYOUT, &codec::u64_key(2)).unwrap();
+            db.flush().unwrap();
+        }
+        let marker = Marker::new(dir.path());
+        marker.force(42);
+        let err = Store::open(dir.path(), 1 << 20, Faults::default()).err();
+        assert!(
+            matches!(
+                err,
+                Some(StoreError::Damaged {
+                    expected: 42,
+                    found: 41,
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+        marker.force(41);
+        let expected = Heads {
+            offset: 41,
+            num: 7,
+            log_floor: 3,
+            events: 30,
+            jobs: 5,
+        };
+        let store = Store::open(dir.path(), 1 << 20, Faults::default()).unwrap();
+        assert_eq!(store.heads().unwrap(), expected);
+        for key in LEGACY_HEADS {
+            assert_eq!(store.meta.get(key).unwrap(), None);
+        }
+        let layout = store.meta.get(META_LAYOUT).unwrap().unwrap();
+        assert_eq!(codec::u64_from(&layout), LAYOUT);
+        drop(store);
+        let store = Store::open(dir.path(), 1 << 20, Faults::default()).unwrap();
+        assert_eq!(store.heads().unwrap(), expected);
+        // A layout from a later progressd is refused, not read as this one.
+        store.meta.insert(META_LAYOUT, &codec::u64_key(LAYOUT + 1)).unwrap();
+        drop(store);
+        let err = Store::open(dir.path(), 1 << 20, Faults::default()).err();
+        assert!(
+            matches!(err, Some(StoreError::Decode { what: "store layout", .. })),
+            "{err:?}"
+        );
     }
 
     /// A store written with one key per event (progressd before runs) is converted on open
