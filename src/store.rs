@@ -1356,11 +1356,20 @@ mod tests {
         let store = Store::open(dir.path(), 1 << 20, Faults::default()).unwrap();
         assert_eq!(store.heads().unwrap(), expected);
         // A layout from a later progressd is refused, not read as this one.
-        store.meta.insert(META_LAYOUT, &codec::u64_key(LAYOUT + 1)).unwrap();
+        store
+            .meta
+            .insert(META_LAYOUT, &codec::u64_key(LAYOUT + 1))
+            .unwrap();
         drop(store);
         let err = Store::open(dir.path(), 1 << 20, Faults::default()).err();
         assert!(
-            matches!(err, Some(StoreError::Decode { what: "store layout", .. })),
+            matches!(
+                err,
+                Some(StoreError::Decode {
+                    what: "store layout",
+                    ..
+                })
+            ),
             "{err:?}"
         );
     }
