@@ -155,6 +155,11 @@ pub struct ServeArgs {
     /// Time a client has to send its request headers (slowloris).
     #[arg(long, env = "PROGRESSD_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub header_timeout: Duration,
+    /// Threads of the runtime event streams run on (fan-out and writing to subscribers),
+    /// apart from the one that serves requests and stores events; 0 shares that one. Default:
+    /// half the CPUs, at least 1.
+    #[arg(long, env = "PROGRESSD_STREAM_THREADS")]
+    pub stream_threads: Option<usize>,
     /// Jobs one /v1/ws socket may follow at once.
     #[arg(
         long,
@@ -240,6 +245,8 @@ pub struct Config {
     pub max_body: usize,
     pub max_connections: usize,
     pub header_timeout: Duration,
+    /// Workers of the stream runtime (`supervisor::StreamRuntime`); 0: none.
+    pub stream_threads: usize,
     pub max_subscriptions_per_socket: usize,
     pub max_batch: usize,
     pub max_list: usize,
@@ -278,6 +285,7 @@ impl Config {
             max_body: 64 * 1024,
             max_connections: 50_000,
             header_timeout: Duration::from_secs(10),
+            stream_threads: default_stream_threads(),
             max_subscriptions_per_socket: 100,
             max_batch: MAX_BATCH,
             max_list: 1000,
@@ -293,6 +301,11 @@ impl Config {
             cors_origins: Vec::new(),
         }
     }
+}
+
+/// Half the CPUs, at least 1: on 2 cores a fan-out takes one, and publishes keep the other.
+pub fn default_stream_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }
 
 impl TryFrom<ServeArgs> for Config {
@@ -359,6 +372,7 @@ impl TryFrom<ServeArgs> for Config {
             max_body: a.max_body,
             max_connections: a.max_connections,
             header_timeout: a.header_timeout,
+            stream_threads: a.stream_threads.unwrap_or_else(default_stream_threads),
             max_subscriptions_per_socket: a.max_subscriptions_per_socket,
             max_batch: usize::from(a.max_batch),
             max_list: usize::from(a.max_list),

@@ -264,7 +264,7 @@ impl Hub {
                 let left = Arc::clone(&fan.left);
                 jobs.insert(Arc::clone(&job), fan);
                 let stage = Arc::clone(self).stage(job, id, rx, left);
-                self.supervisor.spawn("fanout", stage);
+                self.supervisor.spawn_stream("fanout", stage);
             }
         }
         JobWatch {

@@ -22,7 +22,7 @@
 //! | [`sse`]          | Server-Sent Events framing and endpoints                               |
 //! | [`ws`]           | WebSocket sessions                                                     |
 //! | [`retention`]    | expiry of finished jobs after `--finished-ttl`                         |
-//! | [`supervisor`]   | every task: named, tracked, failures logged and counted, shutdown      |
+//! | [`supervisor`]   | every task: named, tracked, failures counted; the stream runtime       |
 //! | [`systemd`]      | sd_notify: readiness, status, watchdog, stopping                       |
 //! | [`metrics`]      | counters and gauges for `/metrics`                                     |
 //! | [`dashboard`]    | the live dashboard page served at `/` (built in, no external assets)   |
@@ -73,7 +73,7 @@ use metrics::Metrics;
 use server::Server;
 use store::{Store, StoreError};
 use subscription::Source;
-use supervisor::Supervisor;
+use supervisor::{StreamRuntime, Supervisor};
 
 #[derive(Debug, Error)]
 pub enum RunError {
@@ -83,6 +83,12 @@ pub enum RunError {
     Listen(#[from] ListenError),
     #[error(transparent)]
     Exposed(#[from] auth::ExposureError),
+    #[error("cannot start the stream runtime ({threads} threads): {source}")]
+    StreamRuntime {
+        threads: usize,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Opens the store and starts the writer and retention under `supervisor`: the daemon
@@ -167,7 +173,12 @@ pub async fn run(
     )?;
     let addrs: Vec<String> = bound.iter().map(ToString::to_string).collect();
     let metrics = Arc::new(Metrics::default());
-    let supervisor = Supervisor::new(shutdown.clone(), Arc::clone(&metrics));
+    let threads = config.stream_threads;
+    // Dropped at the end, once the supervisor's shutdown is over.
+    let streams = StreamRuntime::start(threads)
+        .map_err(|source| RunError::StreamRuntime { threads, source })?;
+    let supervisor = Supervisor::new(shutdown.clone(), Arc::clone(&metrics))
+        .with_streams(streams.as_ref().and_then(StreamRuntime::handle));
 
     // Until `serve` below, connections wait in the kernel's accept queue: nobody is told
     // "unavailable" while we recover.
@@ -258,6 +269,7 @@ pub async fn run(
     supervisor
         .shutdown(remaining.max(Duration::from_millis(500)))
         .await;
+    drop(streams);
     store.flush_now()?;
     info!("stopped");
     Ok(())

@@ -126,7 +126,7 @@ impl Server {
 
     fn serve<IO>(&self, io: IO, stop: &CancellationToken)
     where
-        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        IO: Socket,
     {
         if self.open.count.fetch_add(1, Ordering::AcqRel) >= self.max_connections {
             drop(Open(Arc::clone(&self.open)));
@@ -160,8 +160,10 @@ impl Server {
                 .with_upgrades(),
         );
         let (metrics, stop) = (Arc::clone(&self.metrics), stop.clone());
+        let supervisor = self.supervisor.clone();
         self.supervisor.spawn("connection", async move {
-            let _open = open;
+            // Its place in the count: held to the end of the task, or of its handed-off stream.
+            let open = open;
             let mut conn = conn;
             let served = tokio::select! {
                 s = until_handoff(&mut conn, &shared) => s,
@@ -183,14 +185,53 @@ impl Server {
                 Served::HandedOff(res) => {
                     // hyper's side goes first: its buffers, and its hold on the socket.
                     drop(conn);
-                    if let Some(io) = shared.take_io() {
-                        drop(shared);
-                        handoff::serve(io, res).await;
-                    }
+                    let Some(io) = shared.take_io() else {
+                        return Ok(());
+                    };
+                    drop(shared);
+                    // The stream goes on the stream runtime, still counted as open, and its
+                    // socket to that runtime's reactor: otherwise every write's completion
+                    // would wake this runtime's idle workers to note a readiness nobody
+                    // waits for.
+                    let std = io.into_std()?;
+                    supervisor.spawn_stream("stream", async move {
+                        let _open = open;
+                        handoff::serve(IO::from_std(std)?, res).await;
+                        Ok::<(), std::io::Error>(())
+                    });
                 }
             }
-            Ok::<(), std::convert::Infallible>(())
+            Ok::<(), std::io::Error>(())
         });
+    }
+}
+
+/// An accepted connection: a socket that can move to the reactor of another runtime.
+pub trait Socket: AsyncRead + AsyncWrite + Unpin + Send + 'static + Sized {
+    type Std: Send + 'static;
+    /// Leaves the reactor of the runtime it was registered with.
+    fn into_std(self) -> std::io::Result<Self::Std>;
+    /// Registers with the reactor of the current runtime.
+    fn from_std(std: Self::Std) -> std::io::Result<Self>;
+}
+
+impl Socket for tokio::net::TcpStream {
+    type Std = std::net::TcpStream;
+    fn into_std(self) -> std::io::Result<Self::Std> {
+        tokio::net::TcpStream::into_std(self)
+    }
+    fn from_std(std: Self::Std) -> std::io::Result<Self> {
+        tokio::net::TcpStream::from_std(std)
+    }
+}
+
+impl Socket for tokio::net::UnixStream {
+    type Std = std::os::unix::net::UnixStream;
+    fn into_std(self) -> std::io::Result<Self::Std> {
+        tokio::net::UnixStream::into_std(self)
+    }
+    fn from_std(std: Self::Std) -> std::io::Result<Self> {
+        tokio::net::UnixStream::from_std(std)
     }
 }
 

@@ -8,6 +8,11 @@
 //!
 //! Long-lived services (the writer, retention) run under [`Supervisor::service`]: restarted
 //! with exponential backoff, and reported not-ready while they keep failing.
+//!
+//! Event streams (the fan-out stages and the streams handed off from hyper) run on a runtime
+//! of their own, [`StreamRuntime`], with `--stream-threads` workers: a fan-out to thousands of
+//! sockets can only take those threads, so publishes, reads and the writer on the main runtime
+//! never wait in a run queue behind it. The same tracker and token cover both.
 
 use std::collections::BTreeSet;
 use std::fmt::Display;
@@ -18,6 +23,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures_util::FutureExt;
+use tokio::runtime::{Handle, Runtime};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -35,6 +41,40 @@ pub struct Supervisor {
     token: CancellationToken,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    /// Where [`Supervisor::spawn_stream`] runs its tasks; None: on the caller's runtime.
+    streams: Option<Handle>,
+}
+
+/// The runtime event streams run on (see the module's documentation). Whoever starts the
+/// daemon owns it, and drops it after the supervisor's shutdown: its tasks are over by then,
+/// and dropping it does not wait for them (so it may be dropped inside another runtime).
+pub struct StreamRuntime(Option<Runtime>);
+
+impl StreamRuntime {
+    /// A runtime of `threads` workers; None for 0 (streams share the caller's runtime).
+    pub fn start(threads: usize) -> std::io::Result<Option<StreamRuntime>> {
+        if threads == 0 {
+            return Ok(None);
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("progressd-streams")
+            .enable_all()
+            .build()?;
+        Ok(Some(StreamRuntime(Some(runtime))))
+    }
+
+    pub fn handle(&self) -> Option<Handle> {
+        self.0.as_ref().map(|rt| rt.handle().clone())
+    }
+}
+
+impl Drop for StreamRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 /// Readiness: set once start-up is done, cleared at shutdown or while a service is failing.
@@ -75,7 +115,13 @@ impl Supervisor {
             token,
             metrics,
             health: Arc::new(Health::default()),
+            streams: None,
         }
+    }
+
+    /// Runs [`Supervisor::spawn_stream`]'s tasks on `streams` (None: on the caller's runtime).
+    pub fn with_streams(self, streams: Option<Handle>) -> Supervisor {
+        Supervisor { streams, ..self }
     }
 
     pub fn token(&self) -> &CancellationToken {
@@ -98,6 +144,19 @@ impl Supervisor {
     {
         self.tracker
             .spawn(watch(name, Arc::clone(&self.metrics), fut));
+    }
+
+    /// Like [`Supervisor::spawn`], on the stream runtime: for the work of event streams.
+    pub fn spawn_stream<F, E>(&self, name: &'static str, fut: F)
+    where
+        F: Future<Output = Result<(), E>> + Send + 'static,
+        E: Display + Send + 'static,
+    {
+        let task = watch(name, Arc::clone(&self.metrics), fut);
+        match &self.streams {
+            Some(streams) => drop(self.tracker.spawn_on(task, streams)),
+            None => drop(self.tracker.spawn(task)),
+        }
     }
 
     /// Wraps a future that someone else spawns (warp's WebSocket upgrade) so that it is
@@ -251,6 +310,40 @@ mod tests {
             "{} for a {size}-byte task",
             std::mem::size_of_val(&watched)
         );
+    }
+
+    /// Stream work runs on the stream runtime's threads, is tracked (shutdown waits for it)
+    /// and has its failures counted like any task; without a stream runtime it runs where
+    /// it was spawned from.
+    #[tokio::test]
+    async fn stream_tasks_run_on_the_stream_runtime_and_are_supervised() {
+        let metrics = Arc::new(Metrics::default());
+        let streams = StreamRuntime::start(1).unwrap().unwrap();
+        let sup = Supervisor::new(CancellationToken::new(), Arc::clone(&metrics))
+            .with_streams(streams.handle());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let token = sup.token().clone();
+        sup.spawn_stream("streamer", async move {
+            let _ = tx.send(std::thread::current().name().map(str::to_owned));
+            token.cancelled().await;
+            Err::<(), _>("gave up")
+        });
+        assert_eq!(rx.await.unwrap().as_deref(), Some("progressd-streams"));
+        // Still running: shutdown waits for it, and counts how it ended.
+        assert_eq!(metrics.task_failures("streamer"), 0);
+        assert!(sup.shutdown(Duration::from_secs(5)).await);
+        assert_eq!(metrics.task_failures("streamer"), 1);
+        drop(streams);
+
+        let here = std::thread::current().id();
+        let sup = Supervisor::new(CancellationToken::new(), Arc::clone(&metrics));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        sup.spawn_stream("local", async move {
+            let _ = tx.send(std::thread::current().id());
+            Ok::<(), String>(())
+        });
+        // A current-thread test runtime: the task ran on this thread.
+        assert_eq!(rx.await.unwrap(), here);
     }
 
     #[tokio::test(start_paused = true)]
