@@ -774,21 +774,31 @@ impl Store {
         if let Some(h) = m.heads {
             meta.insert(META_HEADS, &codec::encode_heads(&h)[..]);
         }
-        (
-            &self.jobs,
-            &self.events,
-            &self.log,
-            &self.expiry,
-            &self.meta,
-            &self.idem,
-        )
-            .transaction(|(tj, te, tl, tx, tm, ti)| {
-                tj.apply_batch(&jobs)?;
-                te.apply_batch(&events)?;
-                tl.apply_batch(&log)?;
-                tx.apply_batch(&expiry)?;
-                tm.apply_batch(&meta)?;
-                ti.apply_batch(&idem)?;
+        // Only the trees this commit writes take part: a transaction's cost grows with its
+        // trees, written or not (`cargo bench --bench sled_commit`: a quarter more per publish
+        // over six trees than over the four a publish writes).
+        let writes = [
+            (&self.jobs, jobs, !m.jobs.is_empty()),
+            (&self.events, events, !m.runs.is_empty()),
+            (&self.log, log, !m.runs.is_empty() || !m.removals.is_empty()),
+            (&self.expiry, expiry, !m.expiry.is_empty()),
+            (&self.meta, meta, m.heads.is_some()),
+            (&self.idem, idem, !m.idem.is_empty()),
+        ];
+        let (trees, batches): (Vec<&sled::Tree>, Vec<sled::Batch>) = writes
+            .into_iter()
+            .filter(|(_, _, written)| *written)
+            .map(|(tree, batch, _)| (tree, batch))
+            .unzip();
+        if trees.is_empty() {
+            return Ok(());
+        }
+        trees
+            .as_slice()
+            .transaction(|views| {
+                for (view, batch) in views.iter().zip(&batches) {
+                    view.apply_batch(batch)?;
+                }
                 Ok::<(), ConflictableTransactionError<()>>(())
             })
             .map_err(|e| transaction_error("commit", e))
