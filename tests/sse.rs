@@ -556,6 +556,35 @@ async fn a_stream_is_handed_off_from_hyper_and_framed_by_the_connection() {
     d.stop().await;
 }
 
+/// Per-job and multi-job streams are served, live events and all, whether they have a runtime
+/// of their own (`--stream-threads N`: the stage and the handed-off stream there, the socket
+/// moved to its reactor) or share the request runtime (`0`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_are_served_with_and_without_a_stream_runtime() {
+    for threads in [0, 1, 2] {
+        let d = Daemon::with(|c| c.stream_threads = threads).await;
+        d.publish_ok("j", step(1)).await;
+        let (status, mut one) = d.sse("/v1/jobs/j/stream", None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(one.expect().await.event, "snapshot", "{threads} threads");
+        let (status, mut all) = d.sse("/v1/stream?after=1", None).await;
+        assert_eq!(status, StatusCode::OK);
+        for seq in 2..=4u64 {
+            d.publish_ok("j", step(seq)).await;
+            let ev = one.expect().await;
+            assert_eq!(
+                (ev.event.as_str(), ev.data["seq"].as_u64()),
+                ("progress", Some(seq))
+            );
+            let ev = all.expect().await;
+            assert_eq!(ev.id, seq.to_string(), "{threads} threads");
+        }
+        drop((one, all));
+        until_no_sse_subscriber(&d).await;
+        d.stop().await;
+    }
+}
+
 /// A stream requested behind a large response on the same connection (pipelined, the client
 /// reading through a small window) comes after that response in full, then handed off (its
 /// body unchunked): taking the socket never loses bytes of the response before it. (hyper
