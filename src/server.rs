@@ -207,7 +207,7 @@ impl Server {
 }
 
 /// An accepted connection: a socket that can move to the reactor of another runtime.
-pub trait Socket: AsyncRead + AsyncWrite + Unpin + Send + 'static + Sized {
+trait Socket: AsyncRead + AsyncWrite + Unpin + Send + 'static + Sized {
     type Std: Send + 'static;
     /// Leaves the reactor of the runtime it was registered with.
     fn into_std(self) -> std::io::Result<Self::Std>;
