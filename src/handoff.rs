@@ -301,8 +301,9 @@ fn render_head(parts: &warp::http::response::Parts) -> Vec<u8> {
     out
 }
 
-/// Frames written in one `writev`, at most.
-const BATCH: usize = 16;
+/// Frames written in one `writev`, at most: a catch-up of 100 events is two or three calls
+/// (at 16 a resume storm of 10,000 streams made 80,000 `writev`s, at 64 30,000).
+const BATCH: usize = 64;
 
 /// Writes `first`, then the body's frames until it ends (`Ok`) or the client leaves or a
 /// write fails (`Err`). A quiet stream holds only its body and the socket.
