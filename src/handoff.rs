@@ -379,12 +379,18 @@ async fn write_all_bufs<IO: AsyncWrite + Unpin>(
 ) -> std::io::Result<()> {
     let mut from = 0;
     while from < bufs.len() {
-        let mut slices = [IoSlice::new(&[]); BATCH];
-        let n = slices.len().min(bufs.len() - from);
-        for (slice, buf) in slices.iter_mut().zip(&bufs[from..from + n]) {
-            *slice = IoSlice::new(buf);
-        }
-        let mut written = io.write_vectored(&slices[..n]).await?;
+        // The slices are made afresh on each poll, so that they are not part of the future
+        // every stream holds while it waits (64 of them are 1 KiB).
+        let pending = &bufs[from..];
+        let mut written = std::future::poll_fn(|cx| {
+            let mut slices = [IoSlice::new(&[]); BATCH];
+            let n = slices.len().min(pending.len());
+            for (slice, buf) in slices.iter_mut().zip(pending) {
+                *slice = IoSlice::new(buf);
+            }
+            Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n])
+        })
+        .await?;
         if written == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
