@@ -774,9 +774,8 @@ impl Store {
         if let Some(h) = m.heads {
             meta.insert(META_HEADS, &codec::encode_heads(&h)[..]);
         }
-        // Only the trees this commit writes take part: a transaction's cost grows with its
-        // trees, written or not (`cargo bench --bench sled_commit`: a quarter more per publish
-        // over six trees than over the four a publish writes).
+        // Only the trees this commit writes take part in its transaction (usually four of
+        // the six: jobs, events, log, meta).
         let writes = [
             (&self.jobs, jobs, !m.jobs.is_empty()),
             (&self.events, events, !m.runs.is_empty()),
