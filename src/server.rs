@@ -62,7 +62,8 @@ impl Drop for Open {
     }
 }
 
-const OVER_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+/// The whole answer to a connection over `--max-connections` (the systemd probe knows it).
+pub const OVER_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
 content-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 73\r\n\r\n\
 {\"error\":\"unavailable\",\"message\":\"too many connections, try again later\"}";
 

@@ -5,7 +5,10 @@
 //! Readiness and the watchdog are earned, not assumed: both come from a [`Probe`] that asks
 //! the writer to answer (a wedged store leaves it unanswered) and fetches `/readyz` through
 //! our own listener (a stuck accept loop leaves that unanswered). Without an answer there is
-//! no ping, and systemd restarts us.
+//! no ping, and systemd restarts us. A daemon at `--max-connections` answers the probe with
+//! its canned `503`: that proves the accept loop runs too, so being full is not mistaken for
+//! being stuck. Without `NOTIFY_SOCKET` there is nobody to tell, and the probe does not run
+//! (it would take one of the connections `--max-connections` counts).
 
 use std::time::Duration;
 
@@ -74,10 +77,10 @@ impl Probe {
 }
 
 /// `GET /readyz` over our own listener: proves the accept loop runs and the daemon is ready.
+/// The canned answer of a daemon at its connection limit proves the first, and the writer's
+/// answer (asked before this) the second.
 async fn http_ready(addr: &ListenAddr) -> bool {
-    const REQUEST: &[u8] = b"GET /readyz HTTP/1.1\r\nHost: progressd\r\nConnection: close\r\n\r\n";
-    let mut head = [0u8; 12];
-    let result = match addr {
+    let answer = match addr {
         ListenAddr::Tcp(sa) => {
             // A wildcard address is reached through loopback.
             let mut target = *sa;
@@ -88,22 +91,38 @@ async fn http_ready(addr: &ListenAddr) -> bool {
                 });
             }
             match tokio::net::TcpStream::connect(target).await {
-                Ok(mut s) => match s.write_all(REQUEST).await {
-                    Ok(()) => s.read_exact(&mut head).await.map(drop),
-                    Err(e) => Err(e),
-                },
+                Ok(s) => ask_readyz(s).await,
                 Err(e) => Err(e),
             }
         }
         ListenAddr::Unix(path) => match tokio::net::UnixStream::connect(path).await {
-            Ok(mut s) => match s.write_all(REQUEST).await {
-                Ok(()) => s.read_exact(&mut head).await.map(drop),
-                Err(e) => Err(e),
-            },
+            Ok(s) => ask_readyz(s).await,
             Err(e) => Err(e),
         },
     };
-    result.is_ok() && head.starts_with(b"HTTP/1.1 200")
+    answer.is_ok_and(|a| a.starts_with(b"HTTP/1.1 200") || a == crate::server::OVER_CAPACITY)
+}
+
+/// The answer to `GET /readyz` (the connection closes after it), up to 1 KiB. What arrived
+/// before an error counts: a refused connection is closed with our request unread, which
+/// resets it once the answer is sent.
+async fn ask_readyz<S>(mut s: S) -> std::io::Result<Vec<u8>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    const REQUEST: &[u8] = b"GET /readyz HTTP/1.1\r\nHost: progressd\r\nConnection: close\r\n\r\n";
+    s.write_all(REQUEST).await?;
+    let mut answer = Vec::with_capacity(256);
+    let mut chunk = [0u8; 256];
+    while answer.len() < 1024 {
+        match s.read(&mut chunk).await {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&chunk[..n]),
+            Err(e) if answer.is_empty() => return Err(e),
+            Err(_) => break,
+        }
+    }
+    Ok(answer)
 }
 
 /// Sends `READY=1` once the probe passes, then keeps `STATUS=` current and, when systemd
@@ -114,6 +133,11 @@ pub async fn run(
     supervisor: Supervisor,
     token: CancellationToken,
 ) -> Result<(), SystemdError> {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        // Not run by systemd: nothing to tell, so no probe.
+        token.cancelled().await;
+        return Ok(());
+    }
     // Ready: as soon as our own /readyz answers 200 through the listener.
     loop {
         if probe.healthy(Duration::from_secs(5)).await {

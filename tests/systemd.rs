@@ -229,6 +229,53 @@ async fn watchdog_pings_while_healthy_and_stops_when_the_store_hangs() {
     daemon.kill();
 }
 
+/// A daemon that is merely full is not stuck: at `--max-connections` its own probe gets the
+/// canned 503, which proves the accept loop runs, and the watchdog goes on being pinged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watchdog_is_pinged_at_the_connection_limit() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let notify = NotifySocket::new();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = serve_with_notify(
+        dir.path(),
+        &notify,
+        &["--max-connections", "1"],
+        Some(400_000),
+    );
+    notify.expect("READY=1");
+    // The one connection allowed: an event stream, held open.
+    let mut stream = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+    stream
+        .write_all(b"GET /v1/jobs/j/stream HTTP/1.1\r\nHost: progressd\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    // Full: another client is turned away...
+    let status_line = || async {
+        let mut s = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+        let _ = s
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: progressd\r\n\r\n")
+            .await;
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).await.unwrap();
+        head
+    };
+    assert_eq!(&status_line().await, b"HTTP/1.1 503");
+    // ...and the watchdog is still pinged: more pings than could have been on their way.
+    for _ in 0..3 {
+        notify.expect("WATCHDOG=1");
+    }
+    assert_eq!(
+        &status_line().await,
+        b"HTTP/1.1 503",
+        "the stream was let go"
+    );
+    drop(stream);
+    daemon.kill();
+}
+
 /// Starts the daemon with `listener` as fd 3 and LISTEN_FDS=1, LISTEN_PID=its pid, as
 /// systemd does (a shell moves the socket from stdin to fd 3 and execs the daemon).
 fn serve_activated(data: &Path, listener: impl Into<std::os::fd::OwnedFd>) -> Process {
