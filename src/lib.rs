@@ -189,12 +189,12 @@ pub async fn run(
 
     let auth = Auth::new(config.jwt_secret.as_deref());
     let config = Arc::new(config);
-    let state = http::AppState {
+    let state = http::AppState::new(http::Shared {
         src,
         config: Arc::clone(&config),
         supervisor: supervisor.clone(),
         auth,
-    };
+    });
     let probe = systemd::Probe {
         src: state.src.clone(),
         addr: listeners.iter().find_map(Listener::local_addr),

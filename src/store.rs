@@ -273,8 +273,12 @@ impl Marker {
     }
 }
 
+/// The store: a handle, cheap to clone (every request and subscription holds one).
 #[derive(Clone)]
-pub struct Store {
+pub struct Store(Arc<Trees>);
+
+/// What a [`Store`] handle points to.
+pub struct Trees {
     db: sled::Db,
     marker: Arc<Marker>,
     faults: Faults,
@@ -296,6 +300,14 @@ const META_LAYOUT: &[u8] = b"layout";
 /// runs with a key per head; 1, never recorded, one key per event).
 const LAYOUT: u64 = 3;
 
+impl std::ops::Deref for Store {
+    type Target = Trees;
+
+    fn deref(&self) -> &Trees {
+        &self.0
+    }
+}
+
 impl Store {
     /// Opens (or creates) the store in `dir`. `cache_bytes` bounds sled's page cache.
     pub fn open(dir: &Path, cache_bytes: u64, faults: Faults) -> Result<Store, StoreError> {
@@ -313,7 +325,7 @@ impl Store {
             .open()
             .map_err(open_err)?;
         let tree = |name: &str| db.open_tree(name).map_err(open_err);
-        let store = Store {
+        let store = Store(Arc::new(Trees {
             faults,
             flushes: Arc::default(),
             marker: Arc::new(Marker::new(dir)),
@@ -324,7 +336,7 @@ impl Store {
             meta: tree("meta")?,
             idem: tree("idem")?,
             db,
-        };
+        }));
         // sled recovers what it can read and carries on; a store that comes back behind
         // where it had durably been has lost data, and serving it would hide that. (Checked
         // before any conversion: a damaged store is kept as it was found.)

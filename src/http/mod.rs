@@ -27,13 +27,31 @@ use crate::supervisor::Supervisor;
 use crate::{sse, ws};
 use error::ApiError;
 
-/// What every handler shares; cheap to clone.
+/// What every handler shares: a handle, one reference count to clone (warp clones it into
+/// every request).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+/// What an [`AppState`] handle points to.
+pub struct Shared {
     pub src: Source,
     pub config: Arc<Config>,
     pub supervisor: Supervisor,
     pub auth: Auth,
+}
+
+impl AppState {
+    pub fn new(shared: Shared) -> AppState {
+        AppState(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
 }
 
 /// All routes, with CORS when origins are configured, and errors recovered into JSON bodies.
