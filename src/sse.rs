@@ -15,7 +15,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{stream, FutureExt, Stream, StreamExt};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use warp::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use warp::http::{HeaderValue, StatusCode};
 use warp::reply::{Reply, Response};
@@ -26,6 +25,7 @@ use crate::handoff::Handoff;
 use crate::http::error::ApiError;
 use crate::http::jobs::forbidden;
 use crate::http::{job_from_path, query_pairs, query_value, resume_point, AppState};
+use crate::hub::EventMsg;
 use crate::metrics::Transport;
 use crate::model::to_json_line;
 use crate::subscription::{Filter, Frame, Start};
@@ -124,7 +124,11 @@ fn respond(state: &AppState, rx: mpsc::Receiver<Frame>, ids: Ids, grant: &Grant)
             None => std::future::pending().await,
         }
     };
-    let frames = ReceiverStream::new(rx).map(move |frame| block(frame, ids));
+    let frames = Blocks {
+        rx,
+        batch: Vec::new().into_iter(),
+        ids,
+    };
     let again = retry.clone();
     let body = stream::once(std::future::ready(retry))
         .chain(KeepAlive::new(frames, state.config.keepalive))
@@ -150,24 +154,50 @@ fn retry_block(retry: Duration) -> Bytes {
     Bytes::from(Event::default().retry(retry).to_string())
 }
 
-/// The bytes of one frame. An event's block is rendered once, by whichever of its
-/// subscribers gets there first, and shared by the others.
-fn block(frame: Frame, ids: Ids) -> Bytes {
-    match frame {
-        Frame::Event(e) => {
-            let cell = match ids {
-                Ids::Seq => &e.sse_by_seq,
-                Ids::Offset => &e.sse_by_offset,
-            };
-            cell.get_or_init(|| render(Frame::Event(Arc::clone(&e)), ids))
-                .clone()
+/// A stream's frames as SSE blocks; the events of a catch-up's page one block each.
+struct Blocks {
+    rx: mpsc::Receiver<Frame>,
+    /// What is left of the page being written.
+    batch: std::vec::IntoIter<Arc<EventMsg>>,
+    ids: Ids,
+}
+
+impl Stream for Blocks {
+    type Item = Bytes;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        loop {
+            if let Some(e) = self.batch.next() {
+                return Poll::Ready(Some(event_block(&e, self.ids)));
+            }
+            match std::task::ready!(self.rx.poll_recv(cx)) {
+                Some(Frame::Events(page)) => self.batch = page.into_vec().into_iter(),
+                Some(frame) => return Poll::Ready(Some(render(frame, self.ids))),
+                None => return Poll::Ready(None),
+            }
         }
-        frame => render(frame, ids),
     }
 }
 
-fn render(frame: Frame, ids: Ids) -> Bytes {
-    Bytes::from(sse_event(frame, ids).to_string())
+/// An event's block: rendered once, by whichever of its subscribers gets there first, and
+/// shared by the others.
+fn event_block(e: &Arc<EventMsg>, ids: Ids) -> Bytes {
+    let cell = match ids {
+        Ids::Seq => &e.sse_by_seq,
+        Ids::Offset => &e.sse_by_offset,
+    };
+    cell.get_or_init(|| {
+        let id = match ids {
+            Ids::Seq => e.seq,
+            Ids::Offset => e.offset,
+        };
+        let event = Event::default()
+            .event("progress")
+            .id(id.to_string())
+            .data(e.json.clone());
+        Bytes::from(event.to_string())
+    })
+    .clone()
 }
 
 /// A `: keepalive` comment in every keepalive interval in which nothing else was sent. A
@@ -209,8 +239,14 @@ impl<S: Stream<Item = Bytes> + Unpin> Stream for KeepAlive<S> {
     }
 }
 
-fn sse_event(frame: Frame, ids: Ids) -> Event {
-    match frame {
+/// The bytes of any frame (a page's are its events' blocks one after the other).
+fn render(frame: Frame, ids: Ids) -> Bytes {
+    let event = match frame {
+        Frame::Event(e) => return event_block(&e, ids),
+        Frame::Events(page) => {
+            let blocks: Vec<Bytes> = page.iter().map(|e| event_block(e, ids)).collect();
+            return Bytes::from(blocks.concat());
+        }
         Frame::Snapshot(s) => Event::default()
             .event(if s.reset { "reset" } else { "snapshot" })
             .id(s.seq.to_string())
@@ -221,13 +257,6 @@ fn sse_event(frame: Frame, ids: Ids) -> Event {
             .event("reset")
             .id(offset.to_string())
             .data(String::from(json)),
-        Frame::Event(e) => Event::default()
-            .event("progress")
-            .id(match ids {
-                Ids::Seq => e.seq.to_string(),
-                Ids::Offset => e.offset.to_string(),
-            })
-            .data(e.json.clone()),
         Frame::End { job, status } => Event::default().event("end").data(to_json_line(
             &serde_json::json!({"job": &*job, "status": status}),
         )),
@@ -249,5 +278,6 @@ fn sse_event(frame: Frame, ids: Ids) -> Event {
                 Ids::Offset | Ids::Seq => event,
             }
         }
-    }
+    };
+    Bytes::from(event.to_string())
 }

@@ -64,6 +64,9 @@ pub enum Frame {
         json: Box<str>,
     },
     Event(Arc<EventMsg>),
+    /// A catch-up's page of one job's events, in order (at most [`PAGE`]): one message, so
+    /// that the stream is woken once and writes them in a few `writev`s, not one per event.
+    Events(Box<[Arc<EventMsg>]>),
     /// The job reached a terminal status; nothing follows for it.
     End {
         job: Arc<str>,
@@ -117,11 +120,12 @@ impl Out<'_> {
         self.0.send(frame).await.is_ok()
     }
 
-    /// Waits until a frame fits, then says how many do (at most `max`); None if the
-    /// subscriber is gone.
-    async fn room_for(&self, max: usize) -> Option<usize> {
-        drop(self.0.reserve().await.ok()?);
-        Some(self.0.capacity().clamp(1, max))
+    /// Waits until the stream has taken everything sent before (it may still be writing the
+    /// last page it took), so that a subscriber holds at most two pages of catch-up: one
+    /// being written, one waiting. None if the subscriber is gone.
+    async fn emptied(&self) -> Option<()> {
+        drop(self.0.reserve_many(self.0.max_capacity()).await.ok()?);
+        Some(())
     }
 }
 
@@ -328,10 +332,10 @@ impl JobSubscription {
         // A subscription a little behind finds what it missed in the hub's recent events,
         // rendered and shared: no store read.
         loop {
-            let Some(room) = out.room_for(PAGE).await else {
+            if out.emptied().await.is_none() {
                 return Ok(ControlFlow::Break(()));
-            };
-            let Some(recent) = self.watch.recent_after(*pos, room) else {
+            }
+            let Some(recent) = self.watch.recent_after(*pos, PAGE) else {
                 break;
             };
             let n = recent.events.len() as u64;
@@ -376,16 +380,16 @@ impl JobSubscription {
                 }
                 return Ok(ControlFlow::Continue(visible));
             }
-            // No more than the client's channel takes now: a client that stopped reading
-            // holds no page of events read for it.
-            let Some(page) = out.room_for(PAGE).await else {
+            // Not before the stream took the last page: a client that stopped reading
+            // holds no more pages of events read for it.
+            if out.emptied().await.is_none() {
                 return Ok(ControlFlow::Break(()));
-            };
-            let events = src.store.events_after(rec.num, pos.last, page)?;
+            }
+            let events = src.store.events_after(rec.num, pos.last, PAGE)?;
             src.metrics
                 .replayed_from_store
                 .fetch_add(events.len() as u64, Relaxed);
-            let full = events.len() == page;
+            let full = events.len() == PAGE;
             let (mut gap, mut ahead) = (false, false);
             let mut rendered = Vec::with_capacity(events.len());
             for ev in &events {
@@ -422,24 +426,27 @@ fn end(job: &str, status: Status) -> Frame {
 }
 
 /// Delivers `events` (the next ones after `pos`, in order), moving `pos` along.
-async fn deliver_all(out: &Out<'_>, pos: &mut Position, events: Vec<Arc<EventMsg>>) -> Flow {
-    for e in events {
-        pos.num = Some(e.num);
-        pos.last = e.seq;
-        if deliver(out, e).await == Flow::Done {
-            return Flow::Done;
-        }
+/// Sends a job's events in order as one frame, and `end` after a terminal one (nothing after
+/// it is sent).
+async fn deliver_all(out: &Out<'_>, pos: &mut Position, mut events: Vec<Arc<EventMsg>>) -> Flow {
+    if let Some(terminal) = events.iter().position(|e| e.terminal.is_some()) {
+        events.truncate(terminal + 1);
     }
-    Flow::Continue
-}
-
-/// Sends an event, and `end` after a terminal one.
-async fn deliver(out: &Out<'_>, e: Arc<EventMsg>) -> Flow {
-    let terminal = e.terminal.map(|s| end(&e.job, s));
-    if !out.send(Frame::Event(e)).await {
+    let Some(last) = events.last() else {
+        return Flow::Continue;
+    };
+    pos.num = Some(last.num);
+    pos.last = last.seq;
+    let ending = last.terminal.map(|s| end(&last.job, s));
+    let frame = if events.len() == 1 {
+        Frame::Event(events.swap_remove(0))
+    } else {
+        Frame::Events(events.into_boxed_slice())
+    };
+    if !out.send(frame).await {
         return Flow::Done;
     }
-    match terminal {
+    match ending {
         Some(frame) => {
             out.send(frame).await;
             Flow::Done

@@ -11,6 +11,7 @@
 //! binary frame, 1009 for a message over 64 KiB. Pings go out every keepalive interval; a
 //! client silent for two intervals is dropped.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -28,6 +29,7 @@ use crate::auth::Grant;
 use crate::http::error::ApiError;
 use crate::http::jobs::forbidden;
 use crate::http::{job_from_path, parse_u64, query_pairs, query_value, AppState};
+use crate::hub::EventMsg;
 use crate::metrics::{Limit, Transport};
 use crate::model::{to_json_line, JobId};
 use crate::subscription::{Frame, Start};
@@ -229,9 +231,24 @@ impl Session {
                         Frame::Snapshot(_)
                         | Frame::ResetAll { .. }
                         | Frame::Position { .. }
-                        | Frame::Event(_) => None,
+                        | Frame::Event(_)
+                        | Frame::Events(_) => None,
                     };
-                    sink.send(Message::text(ws_text(frame))).await.map_err(WsError::Send)?;
+                    match frame {
+                        // A catch-up's page: a message per event, flushed once.
+                        Frame::Events(page) => {
+                            for e in page {
+                                sink.feed(Message::text(ws_text(Frame::Event(e))))
+                                    .await
+                                    .map_err(WsError::Send)?;
+                            }
+                            sink.flush().await.map_err(WsError::Send)?;
+                        }
+                        frame => sink
+                            .send(Message::text(ws_text(frame)))
+                            .await
+                            .map_err(WsError::Send)?,
+                    }
                     if self.single && closing.is_some() {
                         break closing;
                     }
@@ -363,10 +380,9 @@ fn ws_text(frame: Frame) -> String {
             let kind = if s.reset { "reset" } else { "snapshot" };
             format!(r#"{{"type":"{kind}","job":{}}}"#, s.json)
         }
-        Frame::Event(e) => e
-            .ws_text
-            .get_or_init(|| format!(r#"{{"type":"event","event":{}}}"#, e.json))
-            .clone(),
+        Frame::Event(e) => event_text(&e),
+        // Sent a message per event (above); as one text, the events one per line.
+        Frame::Events(page) => page.iter().map(event_text).collect::<Vec<_>>().join("\n"),
         Frame::End { job, status } => {
             to_json_line(&serde_json::json!({"type": "end", "job": &*job, "status": status}))
         }
@@ -385,6 +401,13 @@ fn ws_text(frame: Frame) -> String {
             to_json_line(&serde_json::json!({"type": "position", "offset": offset}))
         }
     }
+}
+
+/// An event's text frame: rendered once, shared by its subscribers.
+fn event_text(e: &Arc<EventMsg>) -> String {
+    e.ws_text
+        .get_or_init(|| format!(r#"{{"type":"event","event":{}}}"#, e.json))
+        .clone()
 }
 
 fn error_text(e: &ApiError) -> String {

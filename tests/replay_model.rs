@@ -163,6 +163,14 @@ impl Client {
                 assert_eq!(e.seq, self.last + 1, "per-job stream: gap or duplicate");
                 self.last = e.seq;
             }
+            // A catch-up's page: the same checks, event by event.
+            (job, Frame::Events(page)) => {
+                assert!(job.is_some(), "a page on a multi-job stream");
+                assert!(page.len() > 1, "a page of one event (sent as an event)");
+                for e in page {
+                    self.check(Frame::Event(e), jobs);
+                }
+            }
             (Some(_), Frame::End { .. }) => {
                 self.ended = true;
                 self.disconnect();
