@@ -350,6 +350,67 @@ fn the_model_reaches_lag_and_reset() {
     assert!(resets > 0, "no reset");
 }
 
+/// A catch-up reaches its stream a page at a time (one message, one wake-up), not an event
+/// at a time; what follows live comes as single events.
+#[test]
+fn a_catch_up_comes_in_pages() {
+    runtime().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::new(dir.path());
+        config.history = 1000;
+        let metrics = Arc::new(progressd::metrics::Metrics::default());
+        let supervisor = Supervisor::new(CancellationToken::new(), Arc::clone(&metrics));
+        let stop = CancellationToken::new();
+        let src = progressd::open(&config, &supervisor, stop.clone()).unwrap();
+        let job = || JobId::parse("paged").unwrap();
+        let update = |n: u64| {
+            Update {
+                current: Some(n),
+                ..Update::default()
+            }
+            .validate(1024)
+            .unwrap()
+        };
+        for n in 1..=300 {
+            src.writer
+                .append(job(), vec![update(n)], None)
+                .await
+                .unwrap();
+        }
+        let Start::Follow(sub) = src.open_job(job(), Some(0)).unwrap() else {
+            panic!("a job with events to replay");
+        };
+        let (tx, mut rx) = mpsc::channel(progressd::hub::OUTBOX);
+        let token = CancellationToken::new();
+        tokio::spawn(sub.run(src.clone(), tx, token.clone()));
+        let mut pages = Vec::new();
+        let mut next = 1;
+        while next <= 300 {
+            match rx.recv().await {
+                Some(Frame::Events(page)) => {
+                    pages.push(page.len());
+                    for e in page {
+                        assert_eq!(e.seq, next, "a page out of order");
+                        next += 1;
+                    }
+                }
+                other => panic!("expected a page of events, got {other:?}"),
+            }
+        }
+        assert_eq!(pages, [256, 44], "pages of up to 256 events");
+        src.writer
+            .append(job(), vec![update(301)], None)
+            .await
+            .unwrap();
+        match rx.recv().await {
+            Some(Frame::Event(e)) => assert_eq!(e.seq, 301),
+            other => panic!("expected the live event, got {other:?}"),
+        }
+        token.cancel();
+        stop.cancel();
+    });
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
 
