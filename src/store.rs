@@ -1137,6 +1137,26 @@ mod tests {
     use super::*;
     use crate::model::Change;
 
+    /// Opens the store in `dir` right after a handle on it was dropped. sled releases its
+    /// directory lock once its IO threads are done with the last buffer they were handed,
+    /// which may be a moment after the drop: wait for the lock rather than fail on it.
+    fn reopen(dir: &Path) -> Result<Store, StoreError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Store::open(dir, 1 << 20, Faults::default()) {
+                Err(StoreError::Open {
+                    source: sled::Error::Io(e),
+                    ..
+                }) if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                other => return other,
+            }
+        }
+    }
+
     fn event(job: &str, seq: u64, offset: u64) -> Event {
         Event {
             job: job.into(),
@@ -1170,7 +1190,7 @@ mod tests {
         removals: Vec<(u64, Option<(String, u64)>)>,
     ) -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 1 << 20, Faults::default()).unwrap();
+        let store = reopen(dir.path()).unwrap();
         let m = Mutation {
             runs,
             removals,
@@ -1192,7 +1212,7 @@ mod tests {
     #[test]
     fn keys_sort_numerically_and_round_trip() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 1 << 20, Faults::default()).unwrap();
+        let store = reopen(dir.path()).unwrap();
         let mut m = Mutation::default();
         for seq in [1u64, 2, 255, 256, 70_000] {
             m.runs.push(run("a", 7, seq..=seq, seq));
@@ -1346,7 +1366,7 @@ mod tests {
         }
         let marker = Marker::new(dir.path());
         marker.force(42);
-        let err = Store::open(dir.path(), 1 << 20, Faults::default()).err();
+        let err = reopen(dir.path()).err();
         assert!(
             matches!(
                 err,
@@ -1366,7 +1386,7 @@ mod tests {
             events: 30,
             jobs: 5,
         };
-        let store = Store::open(dir.path(), 1 << 20, Faults::default()).unwrap();
+        let store = reopen(dir.path()).unwrap();
         assert_eq!(store.heads().unwrap(), expected);
         for key in LEGACY_HEADS {
             assert_eq!(store.meta.get(key).unwrap(), None);
@@ -1374,7 +1394,7 @@ mod tests {
         let layout = store.meta.get(META_LAYOUT).unwrap().unwrap();
         assert_eq!(codec::u64_from(&layout), LAYOUT);
         drop(store);
-        let store = Store::open(dir.path(), 1 << 20, Faults::default()).unwrap();
+        let store = reopen(dir.path()).unwrap();
         assert_eq!(store.heads().unwrap(), expected);
         // A layout from a later progressd is refused, not read as this one.
         store
@@ -1382,7 +1402,7 @@ mod tests {
             .insert(META_LAYOUT, &codec::u64_key(LAYOUT + 1))
             .unwrap();
         drop(store);
-        let err = Store::open(dir.path(), 1 << 20, Faults::default()).err();
+        let err = reopen(dir.path()).err();
         assert!(
             matches!(
                 err,
@@ -1436,7 +1456,7 @@ mod tests {
             .unwrap();
             db.flush().unwrap();
         }
-        let store = Store::open(dir.path(), 1 << 20, Faults::default()).unwrap();
+        let store = reopen(dir.path()).unwrap();
         let events = store.events_after(1, 1, 10).unwrap();
         assert_eq!(seqs(&events), vec![2, 3]);
         assert_eq!(events[1].to_json(), event("a", 3, 4).to_json());
@@ -1453,7 +1473,7 @@ mod tests {
         assert_eq!(kinds, vec![(1, false), (2, false), (3, true), (4, false)]);
         drop(store);
         // Opened again: already converted, nothing changes.
-        let store = Store::open(dir.path(), 1 << 20, Faults::default()).unwrap();
+        let store = reopen(dir.path()).unwrap();
         assert_eq!(seqs(&store.events_after(1, 0, 10).unwrap()), vec![1, 2, 3]);
     }
 }
