@@ -1,7 +1,9 @@
 //! The writer: where a publish is stored, made durable and handed to the hub.
 //!
 //! One task owns every mutation of the store. Publishers (and deletes, and retention) send it
-//! commands through a bounded queue; it drains whatever is queued, allocates seqs and offsets,
+//! commands through a bounded queue; it drains whatever is queued (first letting the runtime
+//! poll connections whose publishes have arrived, so that they join the same drain), allocates
+//! seqs and offsets,
 //! applies the whole drain in one sled transaction, flushes once (group commit: concurrent
 //! publishers share one fsync), raises the visible watermark, hands the events to the hub and
 //! only then answers each publisher. Because it is alone, seqs are dense and offsets strictly
@@ -20,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot, watch, Mutex};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
@@ -37,6 +40,8 @@ use crate::supervisor::Supervisor;
 const MAX_DRAIN: usize = 1024;
 /// Events taken in one drain before it is closed (bounds one transaction's size).
 const MAX_DRAIN_EVENTS: usize = 16 * 1024;
+/// Yields a drain waits for more publishers to join it, at most (see `Core::run`).
+const GATHER_YIELDS: usize = 4;
 /// Pending commands before publishers wait for room. With `--max-body` this bounds the
 /// memory a flood of publishes can hold.
 const QUEUE: usize = 1024;
@@ -264,13 +269,22 @@ impl Core {
             let mut events = first.events();
             let mut drain = Vec::with_capacity(16);
             drain.push(first);
+            // Publishers whose requests have arrived but are not parsed yet may join this
+            // drain: a yield lets the runtime poll their connections first. Again while that
+            // brings more, a few times at most; a lone publisher waits one yield.
+            let (mut yields, mut joined) = (0, true);
             while drain.len() < MAX_DRAIN && events < MAX_DRAIN_EVENTS {
                 match rx.try_recv() {
                     Ok(cmd) => {
                         events += cmd.events();
                         drain.push(cmd);
+                        joined = true;
                     }
-                    Err(_) => break,
+                    Err(TryRecvError::Empty) if joined && yields < GATHER_YIELDS => {
+                        (yields, joined) = (yields + 1, false);
+                        tokio::task::yield_now().await;
+                    }
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
                 }
             }
             self.process(&mut heads, drain).await?;
