@@ -66,6 +66,8 @@ pub enum StoreError {
         expected: u64,
         found: u64,
     },
+    #[error("store: {op} panicked: {detail}")]
+    Panicked { op: &'static str, detail: String },
     #[error("store: decode {what}: {detail}")]
     Decode { what: &'static str, detail: String },
     #[error("store: encode {what}: {detail}")]
@@ -827,9 +829,16 @@ impl Store {
             std::future::pending::<()>().await;
         }
         let committed = self.heads()?.offset;
-        self.db
-            .flush_async()
+        // On a blocking thread of tokio's rather than with `flush_async`, which hands the
+        // flush to sled's IO pool: that pool wakes all its idle threads (seven) for every
+        // job, and a flush is two jobs (the flush, then the write of the sealed buffer).
+        let db = self.db.clone();
+        crate::supervisor::blocking(move || db.flush())
             .await
+            .map_err(|e| StoreError::Panicked {
+                op: "flush",
+                detail: e.to_string(),
+            })?
             .map(drop)
             .map_err(StoreError::sled("flush"))?;
         self.marker.record(committed);

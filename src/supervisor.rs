@@ -283,6 +283,17 @@ where
         })
 }
 
+/// Runs a blocking call (a sled flush: the write of the log and its sync) on tokio's blocking
+/// threads, and waits for it. Not a background task: its caller awaits it and cannot go on
+/// before it is done, so a failure (a panic) comes back to the caller as an error.
+pub async fn blocking<T, F>(call: F) -> Result<T, tokio::task::JoinError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    tokio::task::spawn_blocking(call).await
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::AtomicU32;
