@@ -425,9 +425,8 @@ fn end(job: &str, status: Status) -> Frame {
     }
 }
 
-/// Delivers `events` (the next ones after `pos`, in order), moving `pos` along.
-/// Sends a job's events in order as one frame, and `end` after a terminal one (nothing after
-/// it is sent).
+/// Delivers `events` (the next ones after `pos`, in order) as one frame, and `end` after a
+/// terminal one (nothing after it is sent), moving `pos` along.
 async fn deliver_all(out: &Out<'_>, pos: &mut Position, mut events: Vec<Arc<EventMsg>>) -> Flow {
     if let Some(terminal) = events.iter().position(|e| e.terminal.is_some()) {
         events.truncate(terminal + 1);

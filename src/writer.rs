@@ -2,12 +2,12 @@
 //!
 //! One task owns every mutation of the store. Publishers (and deletes, and retention) send it
 //! commands through a bounded queue; it drains whatever is queued (first letting the runtime
-//! poll connections whose publishes have arrived, so that they join the same drain), allocates
-//! seqs and offsets,
-//! applies the whole drain in one sled transaction, flushes once (group commit: concurrent
-//! publishers share one fsync), raises the visible watermark, hands the events to the hub and
-//! only then answers each publisher. Because it is alone, seqs are dense and offsets strictly
-//! increasing without any lock, and a crash can only lose a drain that nobody was told about.
+//! poll connections whose publishes have arrived, so that they join the same drain),
+//! allocates seqs and offsets, applies the whole drain in one sled transaction, flushes once
+//! (group commit: concurrent publishers share one fsync), raises the visible watermark, hands
+//! the events to the hub and only then answers each publisher. Because it is alone, seqs are
+//! dense and offsets strictly increasing without any lock, and a crash can only lose a drain
+//! that nobody was told about.
 //!
 //! The watermark (`visible`) is the highest offset that readers may show: in `sync` mode the
 //! highest durable offset, in `relaxed` mode the highest committed one. Reads of the store

@@ -238,7 +238,7 @@ impl Session {
                         // A catch-up's page: a message per event, flushed once.
                         Frame::Events(page) => {
                             for e in page {
-                                sink.feed(Message::text(ws_text(Frame::Event(e))))
+                                sink.feed(Message::text(event_text(&e)))
                                     .await
                                     .map_err(WsError::Send)?;
                             }
